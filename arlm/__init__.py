@@ -1,0 +1,6 @@
+"""arlm: LLMs as high-dimensional nonlinear autoregressive models with attention (arXiv 2602.00426)."""
+from arlm.config import ModelConfig
+from arlm.model import ModelOutput, apply_model, count_params, embed_tokens, forward, init_params
+
+__all__ = ["ModelConfig", "ModelOutput", "apply_model", "count_params", "embed_tokens", "forward",
+           "init_params"]

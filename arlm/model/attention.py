@@ -1,0 +1,98 @@
+"""Self-attention as the paper writes it: bilinear scores → causal softmax → linear aggregation.
+
+Eq. 2  a(t,s) = (M h_t)ᵀ (N h_s) / √d_k            `bilinear_scores`
+Eq. 3  α(t,s) = softmax_{s ≤ t} a(t,s), 0 for s > t  `causal_softmax`
+Eq. 4  z_t = Σ_s α(t,s) V h_s, heads → W_O           `aggregate`
+
+Grouped-query attention shares each key/value head among G = H / H_kv query
+heads; query head h uses key/value head h // G (the Hugging Face layout).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from arlm.config import ModelConfig
+from arlm.model.layers import apply_rope, normal_init, rope_angles
+
+Array = jax.Array
+
+
+def bilinear_scores(q_BxTxHxK: Array, k_BxSxNxK: Array) -> Array:
+    """Eq. 2: scores_BxHxTxS[b,h,t,s] = q_t·k_s / √d_k, in float32.
+
+    q has H heads and k has N ≤ H heads (N divides H); head h reads k head h // (H/N).
+    """
+    b, t, h, dk = q_BxTxHxK.shape
+    n = k_BxSxNxK.shape[2]
+    q_BxTxNxGxK = q_BxTxHxK.reshape(b, t, n, h // n, dk)
+    scores = jnp.einsum("btngk,bsnk->bngts", q_BxTxNxGxK, k_BxSxNxK,
+                        preferred_element_type=jnp.float32)
+    return scores.reshape(b, h, t, -1) / math.sqrt(dk)
+
+
+def causal_softmax(scores_BxHxTxS: Array, mask_BxTxS: Array) -> Array:
+    """Eq. 3: α = softmax over the allowed keys (mask True), exactly 0 elsewhere; float32.
+
+    A row with no allowed key (only padding) returns all zeros instead of NaN.
+    """
+    scores = scores_BxHxTxS.astype(jnp.float32)
+    allowed = mask_BxTxS[:, None, :, :]
+    masked = jnp.where(allowed, scores, -jnp.inf)
+    row_max = jnp.max(masked, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    unnorm = jnp.where(allowed, jnp.exp(masked - jax.lax.stop_gradient(row_max)), 0.0)
+    denom = jnp.sum(unnorm, axis=-1, keepdims=True)
+    return unnorm / jnp.where(denom > 0, denom, 1.0)
+
+
+def aggregate(probs_BxHxTxS: Array, v_BxSxNxK: Array) -> Array:
+    """Eq. 4: z_BxTxHxK[b,t,h] = Σ_s α(t,s) v_s (v head h // G for query head h)."""
+    b, h, t, s = probs_BxHxTxS.shape
+    n, dk = v_BxSxNxK.shape[2], v_BxSxNxK.shape[3]
+    probs_BxNxGxTxS = probs_BxHxTxS.reshape(b, n, h // n, t, s).astype(v_BxSxNxK.dtype)
+    z = jnp.einsum("bngts,bsnk->btngk", probs_BxNxGxTxS, v_BxSxNxK)
+    return z.reshape(b, t, h, dk)
+
+
+def causal_mask(q_positions_BxT: Array, kv_positions_BxS: Array) -> Array:
+    """True where key position s ≤ query position t (eq. 3's s ≤ t)."""
+    return kv_positions_BxS[:, None, :] <= q_positions_BxT[:, :, None]
+
+
+class Attention(nn.Module):
+    """One attention sub-layer: projections M, N, V (eq. 2/4), RoPE if configured, W_O."""
+
+    config: ModelConfig
+
+    def _proj(self, name: str, x: Array, heads: int, std: float) -> Array:
+        cfg = self.config
+        w = self.param(name, normal_init(std), (cfg.d_model, heads, cfg.head_dim))
+        y = jnp.einsum("btd,dhk->bthk", x, w.astype(cfg.compute_dtype))
+        if cfg.use_bias:
+            bias = self.param(name + "_bias", nn.initializers.zeros, (heads, cfg.head_dim))
+            y = y + bias.astype(cfg.compute_dtype)
+        return y
+
+    @nn.compact
+    def __call__(self, h_BxTxD: Array, positions_BxT: Array, mask_BxTxS: Array) -> tuple[Array, Array]:
+        cfg = self.config
+        x = h_BxTxD.astype(cfg.compute_dtype)
+        q = self._proj("wq", x, cfg.n_heads, cfg.init_std)      # q_t = M h_t
+        k = self._proj("wk", x, cfg.n_kv_heads, cfg.init_std)   # k_s = N h_s
+        v = self._proj("wv", x, cfg.n_kv_heads, cfg.init_std)   # v_s = V h_s
+        if cfg.pos_embedding == "rope":
+            cos, sin = rope_angles(positions_BxT, cfg.head_dim, cfg.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        probs_BxHxTxS = causal_softmax(bilinear_scores(q, k), mask_BxTxS)
+        z_BxTxHxK = aggregate(probs_BxHxTxS, v)
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        wo = self.param("wo", normal_init(out_std), (cfg.n_heads, cfg.head_dim, cfg.d_model))
+        out = jnp.einsum("bthk,hkd->btd", z_BxTxHxK, wo.astype(cfg.compute_dtype))
+        if cfg.use_bias:
+            out = out + self.param("wo_bias", nn.initializers.zeros, (cfg.d_model,)).astype(cfg.compute_dtype)
+        return out, probs_BxHxTxS

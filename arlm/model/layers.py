@@ -1,0 +1,140 @@
+"""The pieces of the layer map φ (eq. 5) and of positions (eq. 1): norms, RoPE, MLPs, MoE.
+
+Every module keeps its parameters in float32 and casts them to the compute
+dtype where they meet activations; normalisation statistics are float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from arlm.config import ModelConfig
+
+Array = jax.Array
+
+
+def normal_init(std: float) -> Callable:
+    return nn.initializers.normal(stddev=std)
+
+
+class Norm(nn.Module):
+    """LayerNorm (GPT-2) or RMSNorm (Llama), computed in float32 (eq. 5)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array) -> Array:
+        cfg = self.config
+        x = x_BxTxD.astype(jnp.float32)
+        scale_D = self.param("scale", nn.initializers.ones, (cfg.d_model,))
+        if cfg.norm == "layernorm":
+            bias_D = self.param("bias", nn.initializers.zeros, (cfg.d_model,))
+            mean = x.mean(-1, keepdims=True)
+            var = jnp.square(x - mean).mean(-1, keepdims=True)
+            y = (x - mean) * jax.lax.rsqrt(var + cfg.norm_eps) * scale_D + bias_D
+        else:
+            ms = jnp.square(x).mean(-1, keepdims=True)
+            y = x * jax.lax.rsqrt(ms + cfg.norm_eps) * scale_D
+        return y.astype(cfg.compute_dtype)
+
+
+def rope_angles(positions_BxT: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """cos/sin tables [B, T, head_dim] for rotary positions (eq. 1, RoPE variant)."""
+    inv_freq_K2 = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles_BxTxK2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_K2
+    angles_BxTxK = jnp.concatenate([angles_BxTxK2, angles_BxTxK2], axis=-1)
+    return jnp.cos(angles_BxTxK), jnp.sin(angles_BxTxK)
+
+
+def apply_rope(x_BxTxHxK: Array, cos_BxTxK: Array, sin_BxTxK: Array) -> Array:
+    """Rotate query/key pairs (x_i, x_{i+K/2}) by position-dependent angles (half-split layout)."""
+    x = x_BxTxHxK.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos_BxTxK[:, :, None, :], sin_BxTxK[:, :, None, :]
+    return (x * cos + rotated * sin).astype(x_BxTxHxK.dtype)
+
+
+def _dense(module: nn.Module, name: str, x: Array, shape: tuple[int, int], std: float,
+           bias: bool, dtype) -> Array:
+    w = module.param(name, normal_init(std), shape)
+    y = x @ w.astype(dtype)
+    if bias:
+        y = y + module.param(name + "_bias", nn.initializers.zeros, (shape[1],)).astype(dtype)
+    return y
+
+
+class Mlp(nn.Module):
+    """Feed-forward block: GELU MLP (GPT-2) or SwiGLU (Llama)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array) -> Array:
+        cfg = self.config
+        dt = cfg.compute_dtype
+        x = x_BxTxD.astype(dt)
+        d, f = cfg.d_model, cfg.d_ff
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        if cfg.mlp == "gelu":
+            hidden_BxTxF = jax.nn.gelu(_dense(self, "w_in", x, (d, f), cfg.init_std, cfg.use_bias, dt),
+                                       approximate=True)
+        else:
+            gate = _dense(self, "w_gate", x, (d, f), cfg.init_std, cfg.use_bias, dt)
+            up = _dense(self, "w_up", x, (d, f), cfg.init_std, cfg.use_bias, dt)
+            hidden_BxTxF = jax.nn.silu(gate) * up
+        return _dense(self, "w_out", hidden_BxTxF, (f, d), out_std, cfg.use_bias, dt)
+
+
+class MoE(nn.Module):
+    """Mixture of experts `Σ_e g_e(h) FFN_e(h)` with top-k gating (eq. 5).
+
+    The router is a linear map to E logits; each token keeps its top-k experts,
+    whose gates are the softmax of those k logits. Every expert is evaluated on
+    every token and unselected ones are weighted by zero: exact and simple,
+    at E× the FLOPs of routed dispatch, which is fine for research-scale models.
+
+    Returns the output and the Switch-Transformer load-balancing loss
+    `E · Σ_e f_e P_e`, with f_e the fraction of routing slots sent to expert e
+    and P_e its mean router probability; it equals 1 for perfectly uniform routing.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array) -> tuple[Array, Array]:
+        cfg = self.config
+        dt = cfg.compute_dtype
+        e, k, d, f = cfg.n_experts, cfg.moe_top_k, cfg.d_model, cfg.d_ff
+        x = x_BxTxD.astype(dt)
+        router_DxE = self.param("router", normal_init(cfg.init_std), (d, e))
+        router_logits = (x.astype(jnp.float32) @ router_DxE)  # [B, T, E], float32
+        top_logits_BxTxK, top_idx_BxTxK = jax.lax.top_k(router_logits, k)
+        top_gates = jax.nn.softmax(top_logits_BxTxK, axis=-1)
+        onehot_BxTxKxE = jax.nn.one_hot(top_idx_BxTxK, e, dtype=jnp.float32)
+        gates_BxTxE = jnp.einsum("btk,btke->bte", top_gates, onehot_BxTxKxE)
+
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        init = normal_init(cfg.init_std)
+        if cfg.mlp == "gelu":
+            w_in = self.param("w_in", init, (e, d, f)).astype(dt)
+            hidden_BxTxExF = jax.nn.gelu(jnp.einsum("btd,edf->btef", x, w_in), approximate=True)
+        else:
+            w_gate = self.param("w_gate", init, (e, d, f)).astype(dt)
+            w_up = self.param("w_up", init, (e, d, f)).astype(dt)
+            hidden_BxTxExF = (jax.nn.silu(jnp.einsum("btd,edf->btef", x, w_gate))
+                              * jnp.einsum("btd,edf->btef", x, w_up))
+        w_out = self.param("w_out", normal_init(out_std), (e, f, d)).astype(dt)
+        expert_out_BxTxExD = jnp.einsum("btef,efd->bted", hidden_BxTxExF, w_out)
+        y_BxTxD = jnp.einsum("bte,bted->btd", gates_BxTxE.astype(dt), expert_out_BxTxExD)
+
+        probs_BxTxE = jax.nn.softmax(router_logits, axis=-1)
+        frac_routed_E = onehot_BxTxKxE.sum(2).mean((0, 1)) / k
+        mean_prob_E = probs_BxTxE.mean((0, 1))
+        aux_loss = e * jnp.sum(frac_routed_E * mean_prob_E)
+        return y_BxTxD, aux_loss

@@ -1,0 +1,209 @@
+"""The whole map: embeddings (eq. 1) → L layer maps φ (eqs. 2–5) → next-token logits (eq. 6).
+
+Layers are one `nn.scan` over a stacked parameter tree (`params["layers"]`
+has a leading axis of length L), which keeps compile time flat in depth and
+lets per-layer hidden states and attention probabilities come out as stacked
+arrays.
+
+Public functions are pure: `init_params(config, key)` and
+`forward(config, params, tokens)`; `apply_model` returns everything else
+(hidden states, attention probabilities, MoE load-balancing loss).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arlm.config import ModelConfig
+from arlm.model.attention import Attention, causal_mask
+from arlm.model.layers import MoE, Mlp, Norm, normal_init
+
+Array = jax.Array
+Params = Any
+
+
+class Block(nn.Module):
+    """Eq. 5, pre-norm layer map: h ← h + Attn(Norm(h)); h ← h + FFN(Norm(h))."""
+
+    config: ModelConfig
+    return_attention: bool = False
+
+    @nn.compact
+    def __call__(self, carry: tuple[Array, Array], positions_BxT: Array, mask_BxTxS: Array):
+        h_BxTxD, aux = carry
+        attn_out, probs_BxHxTxS = Attention(self.config, name="attn")(
+            Norm(self.config, name="attn_norm")(h_BxTxD), positions_BxT, mask_BxTxS)
+        h_BxTxD = h_BxTxD + attn_out.astype(jnp.float32)
+        x = Norm(self.config, name="mlp_norm")(h_BxTxD)
+        if self.config.n_experts:
+            ffn_out, layer_aux = MoE(self.config, name="moe")(x)
+            aux = aux + layer_aux
+        else:
+            ffn_out = Mlp(self.config, name="mlp")(x)
+        h_BxTxD = h_BxTxD + ffn_out.astype(jnp.float32)
+        per_layer = (h_BxTxD, probs_BxHxTxS if self.return_attention else None)
+        return (h_BxTxD, aux), per_layer
+
+
+class Transformer(nn.Module):
+    config: ModelConfig
+    return_attention: bool = False
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.embed = self.param("embed", normal_init(cfg.init_std), (cfg.vocab_size, cfg.d_model))
+        if cfg.pos_embedding == "learned":
+            self.pos_embed = self.param("pos_embed", normal_init(cfg.init_std / 2), (cfg.max_seq_len, cfg.d_model))
+        if not cfg.tie_embeddings:
+            self.unembed = self.param("unembed", normal_init(cfg.init_std), (cfg.d_model, cfg.vocab_size))
+        scanned = nn.scan(
+            Block, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers)
+        self.layers = scanned(cfg, self.return_attention)
+        self.final_norm = Norm(cfg)
+
+    def token_embeddings(self, tokens_BxT: Array) -> Array:
+        """E[x_t] (eq. 1 without positions), float32."""
+        return jnp.take(self.embed, tokens_BxT, axis=0)
+
+    def __call__(self, embeddings_BxTxD: Array, positions_BxT: Array, mask_BxTxS: Array):
+        cfg = self.config
+        h0 = embeddings_BxTxD.astype(jnp.float32)
+        if cfg.pos_embedding == "learned":
+            h0 = h0 + jnp.take(self.pos_embed, positions_BxT, axis=0)       # eq. 1: E[x_t] + p_t
+        (h_L, aux), (hidden_LxBxTxD, probs_LxBxHxTxS) = self.layers((h0, jnp.zeros((), jnp.float32)),
+                                                                    positions_BxT, mask_BxTxS)
+        x = self.final_norm(h_L)
+        w_unembed = self.embed.T if cfg.tie_embeddings else self.unembed
+        logits_BxTxV = jnp.einsum("btd,dv->btv", x, w_unembed.astype(cfg.compute_dtype),
+                                  preferred_element_type=jnp.float32)   # eq. 6: W_U h_t^(L)
+        hidden = jnp.concatenate([h0[None], hidden_LxBxTxD], axis=0)
+        return logits_BxTxV, hidden, probs_LxBxHxTxS, aux
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOutput:
+    """Everything one forward pass can report.
+
+    logits_BxTxV: float32 next-token logits (eq. 6, τ = 1).
+    hidden_states: [L+1, B, T, D], h^(0) (embeddings + positions) then every layer's
+      residual stream h^(ℓ) before the final norm; None unless requested.
+    attention_probs: [L, B, H, T, S], α(t,s) of eq. 3; None unless requested.
+    moe_aux_loss: the summed load-balancing loss over layers (0 for dense models).
+    """
+
+    logits_BxTxV: Array
+    hidden_states: Array | None
+    attention_probs: Array | None
+    moe_aux_loss: Array
+
+
+jax.tree_util.register_dataclass(
+    ModelOutput, data_fields=["logits_BxTxV", "hidden_states", "attention_probs", "moe_aux_loss"],
+    meta_fields=[])
+
+
+def init_params(config: ModelConfig, key: Array) -> Params:
+    """A fresh float32 parameter pytree for `config` (a plain nested dict)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    variables = Transformer(config).init(key, tokens, method=_embed_and_run)
+    return variables["params"]
+
+
+def _embed_and_run(module: Transformer, tokens_BxT: Array):
+    positions = jnp.zeros_like(tokens_BxT)
+    return module(module.token_embeddings(tokens_BxT), positions, causal_mask(positions, positions))
+
+
+def embed_tokens(config: ModelConfig, params: Params, tokens_BxT: Array) -> Array:
+    """E[x_t], float32 [B, T, D]: the input to `forward(..., embeddings=...)`."""
+    _check_tokens(config, tokens_BxT)
+    return jnp.take(params["embed"], tokens_BxT, axis=0)
+
+
+def apply_model(
+    config: ModelConfig,
+    params: Params,
+    tokens: Array | None = None,
+    *,
+    embeddings: Array | None = None,
+    positions: Array | None = None,
+    attention_mask: Array | None = None,
+    return_hidden: bool = False,
+    return_attention: bool = False,
+) -> ModelOutput:
+    """Run eqs. 1–6 on tokens [B, T] or on input embeddings [B, T, D].
+
+    Args:
+      tokens: int token ids [B, T]; exactly one of tokens / embeddings.
+      embeddings: E[x_t] [B, T, D] (positions are still added for learned p_t).
+        Differentiate with respect to these for Jacobians (eq. 19).
+      positions: int positions [B, T]; default 0..T-1. All must be < Δ.
+      attention_mask: optional bool [B, T] marking real (non-pad) tokens; keys
+        at pad positions are never attended to.
+      return_hidden / return_attention: also return h^(ℓ) and α(t,s).
+    """
+    if (tokens is None) == (embeddings is None):
+        raise ValueError("pass exactly one of tokens=[B, T] or embeddings=[B, T, D]")
+    if tokens is not None:
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+        embeddings = embed_tokens(config, params, tokens)
+    elif embeddings.ndim != 3 or embeddings.shape[-1] != config.d_model:
+        raise ValueError(f"embeddings must be [batch, time, d_model={config.d_model}], got {embeddings.shape}")
+    b, t = embeddings.shape[:2]
+    if positions is None:
+        if t > config.max_seq_len:
+            raise ValueError(
+                f"sequence length {t} exceeds the context window Δ = max_seq_len = {config.max_seq_len}; "
+                "truncate the input (eq. 18)")
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    else:
+        if positions.shape != (b, t):
+            raise ValueError(f"positions must have shape {(b, t)}, got {positions.shape}")
+        _check_positions(config, positions)
+    mask_BxTxS = causal_mask(positions, positions)
+    if attention_mask is not None:
+        if attention_mask.shape != (b, t):
+            raise ValueError(f"attention_mask must have shape {(b, t)}, got {attention_mask.shape}")
+        mask_BxTxS = mask_BxTxS & attention_mask.astype(bool)[:, None, :]
+    logits, hidden, probs, aux = Transformer(config, return_attention=return_attention).apply(
+        {"params": params}, embeddings, positions, mask_BxTxS)
+    return ModelOutput(logits, hidden if return_hidden else None, probs, aux)
+
+
+def forward(config: ModelConfig, params: Params, tokens: Array | None = None, **kwargs: Any) -> Array:
+    """Next-token logits [B, T, V] in float32 (eqs. 1–6). See `apply_model` for options."""
+    return apply_model(config, params, tokens, **kwargs).logits_BxTxV
+
+
+def _is_concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_tokens(config: ModelConfig, tokens: Array) -> None:
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    if _is_concrete(tokens) and tokens.size:
+        lo, hi = int(np.min(tokens)), int(np.max(tokens))
+        if lo < 0 or hi >= config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {config.vocab_size}); got min {lo}, max {hi}")
+
+
+def _check_positions(config: ModelConfig, positions: Array) -> None:
+    if _is_concrete(positions) and positions.size:
+        hi = int(np.max(positions))
+        if hi >= config.max_seq_len or int(np.min(positions)) < 0:
+            raise ValueError(
+                f"position {hi} is outside the context window [0, Δ = {config.max_seq_len}); "
+                "truncate the input (eq. 18)")
+
+
+def count_params(params: Params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,136 @@
+"""The training loop: resume, step, evaluate, log, checkpoint, with a progress bar.
+
+Metrics of step s are read after step s+1 has been dispatched, so the host
+never makes the device wait. A non-finite loss stops the run with an error
+that names the step; the last checkpoint on disk is the last good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from arlm.train.checkpoint import Checkpointer
+from arlm.train.metrics import MetricsWriter
+from arlm.train.state import TrainState
+
+Batch = dict[str, np.ndarray]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    total_steps: int
+    eval_every: int = 100
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: TrainState
+    train_tokens: int
+    train_seconds: float
+    last_eval: dict[str, float]
+    resumed_from: int | None
+    steady_tokens_per_second: float
+
+
+def run_training(
+    state: TrainState,
+    train_step: Callable[[TrainState, Any], tuple[TrainState, dict]],
+    train_iter: Iterator[Batch],
+    put_batch: Callable[[Batch], Any],
+    cfg: LoopConfig,
+    *,
+    evaluate: Callable[[TrainState], dict[str, float]] | None = None,
+    checkpointer: Checkpointer | None = None,
+    data_state: Callable[[], dict] | None = None,
+    restore_data: Callable[[dict], None] | None = None,
+    writer: MetricsWriter | None = None,
+) -> LoopResult:
+    """Train until `cfg.total_steps`, resuming from `checkpointer`'s latest checkpoint if any.
+
+    `data_state()` returns the input pipeline's JSON position *before* the next
+    batch is drawn; `restore_data(d)` rewinds the pipeline to it.
+    """
+    resumed_from = None
+    if checkpointer is not None and checkpointer.latest_step() is not None:
+        state, data = checkpointer.restore(state)
+        if restore_data is not None and data:
+            restore_data(data)
+        resumed_from = int(state.step)
+
+    start_step = int(state.step)
+    last_eval: dict[str, float] = {}
+    pending: tuple[int, dict] | None = None
+    tokens = 0
+    bar = tqdm(total=cfg.total_steps, initial=start_step, disable=not cfg.progress, desc="train",
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    t_steady = None              # after the first (compiling) step
+    side_seconds = 0.0           # evaluation and checkpointing, excluded from throughput
+    steady_tokens = 0
+    for step in range(start_step, cfg.total_steps):
+        batch = next(train_iter)
+        n_batch_tokens = int(np.prod(batch["inputs"].shape))
+        tokens += n_batch_tokens
+        state, metrics = train_step(state, put_batch(batch))
+        if t_steady is None:
+            jax.block_until_ready(metrics)
+            t_steady = time.perf_counter()
+        else:
+            steady_tokens += n_batch_tokens
+        if pending is not None:
+            _report(pending, writer, bar, cfg)
+        pending = (step, metrics)
+        bar.update(1)
+        done = step + 1
+        if evaluate is not None and (done % cfg.eval_every == 0 or done == cfg.total_steps):
+            _report(pending, writer, bar, cfg)
+            pending = None
+            t_side = time.perf_counter()
+            last_eval = evaluate(state)
+            side_seconds += time.perf_counter() - t_side
+            if writer is not None:
+                writer.write(done, "val", last_eval)
+            bar.write(f"step {done}: " + ", ".join(f"val_{k}={v:.4f}" for k, v in last_eval.items()))
+        final = done == cfg.total_steps
+        if checkpointer is not None and (final or checkpointer.should_save(done)):
+            if pending is not None:      # never save a state whose loss was not checked
+                _report(pending, writer, bar, cfg)
+                pending = None
+            t_side = time.perf_counter()
+            checkpointer.save(done, state, data_state() if data_state else None, force=True)
+            side_seconds += time.perf_counter() - t_side
+    if pending is not None:
+        _report(pending, writer, bar, cfg)
+    jax.block_until_ready(state)
+    t_end = time.perf_counter()
+    bar.close()
+    if checkpointer is not None:
+        checkpointer.wait()
+    steady = t_end - t_steady - side_seconds if t_steady is not None else 0.0
+    return LoopResult(state, tokens, t_end - t0, last_eval, resumed_from,
+                      steady_tokens / steady if steady > 0 else float("nan"))
+
+
+def _report(pending: tuple[int, dict], writer: MetricsWriter | None, bar: tqdm, cfg: LoopConfig) -> None:
+    step, metrics = pending
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not np.isfinite(values["loss"]):
+        raise NonFiniteLossError(
+            f"non-finite training loss {values['loss']} at step {step + 1}; "
+            "the last checkpoint on disk predates it (lower the learning rate or check the data)")
+    if (step + 1) % cfg.log_every == 0 or step == 0:
+        bar.set_postfix(loss=f"{values['loss']:.3f}")
+        if writer is not None:
+            writer.write(step + 1, "train", values)

@@ -1,0 +1,58 @@
+"""The optimizer: AdamW with linear warmup then cosine decay, and global-norm clipping."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW settings. `grad_accum` micro-batches are summed into one update."""
+
+    learning_rate: float = 3e-3
+    warmup_steps: int = 100
+    total_steps: int = 1000
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    grad_accum: int = 1
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0 or self.total_steps <= 0 or self.grad_accum <= 0:
+            raise ValueError("learning_rate, total_steps and grad_accum must be > 0")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, total_steps={self.total_steps}]")
+
+
+def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
+    """Linear warmup from 0 to the peak, then cosine decay to min_lr_ratio × peak."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(cfg.total_steps, cfg.warmup_steps + 1),
+        end_value=cfg.learning_rate * cfg.min_lr_ratio)
+
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm),
+        optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                    weight_decay=cfg.weight_decay, mask=_matrix_mask),
+    )
+
+
+def _matrix_mask(params: Any) -> Any:
+    # Stacked per-layer vectors (norm scales, biases) are [L, D] or [L, H, K]: test the path too.
+    def is_matrix(path, x) -> bool:
+        names = [str(getattr(k, "key", k)) for k in path]
+        stacked = "layers" in names
+        vector_like = x.ndim - (1 if stacked else 0) < 2
+        return not vector_like and not any("norm" in n or n.endswith("bias") for n in names)
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
