@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from arlm.config import ModelConfig
-from arlm.model.layers import apply_rope, normal_init, rope_angles
+from arlm.model.layers import apply_rope, normal_init, rope_angles, trailing
 
 Array = jax.Array
 
@@ -75,7 +75,7 @@ class Attention(nn.Module):
         y = jnp.einsum("btd,dhk->bthk", x, w.astype(cfg.compute_dtype))
         if cfg.use_bias:
             bias = self.param(name + "_bias", nn.initializers.zeros, (heads, cfg.head_dim))
-            y = y + bias.astype(cfg.compute_dtype)
+            y = y + trailing(bias.astype(cfg.compute_dtype), y.ndim)
         return y
 
     @nn.compact
@@ -94,5 +94,6 @@ class Attention(nn.Module):
         wo = self.param("wo", normal_init(out_std), (cfg.n_heads, cfg.head_dim, cfg.d_model))
         out = jnp.einsum("bthk,hkd->btd", z_BxTxHxK, wo.astype(cfg.compute_dtype))
         if cfg.use_bias:
-            out = out + self.param("wo_bias", nn.initializers.zeros, (cfg.d_model,)).astype(cfg.compute_dtype)
+            wo_bias = self.param("wo_bias", nn.initializers.zeros, (cfg.d_model,))
+            out = out + trailing(wo_bias.astype(cfg.compute_dtype), out.ndim)
         return out, probs_BxHxTxS

@@ -22,6 +22,11 @@ def normal_init(std: float) -> Callable:
     return nn.initializers.normal(stddev=std)
 
 
+def trailing(v: Array, ndim: int) -> Array:
+    """Reshape a per-feature vector/table to broadcast against the trailing axes of an ndim array."""
+    return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
 class Norm(nn.Module):
     """LayerNorm (GPT-2) or RMSNorm (Llama), computed in float32 (eq. 5)."""
 
@@ -36,17 +41,17 @@ class Norm(nn.Module):
             bias_D = self.param("bias", nn.initializers.zeros, (cfg.d_model,))
             mean = x.mean(-1, keepdims=True)
             var = jnp.square(x - mean).mean(-1, keepdims=True)
-            y = (x - mean) * jax.lax.rsqrt(var + cfg.norm_eps) * scale_D + bias_D
+            y = (x - mean) * jax.lax.rsqrt(var + cfg.norm_eps) * trailing(scale_D, x.ndim) + trailing(bias_D, x.ndim)
         else:
             ms = jnp.square(x).mean(-1, keepdims=True)
-            y = x * jax.lax.rsqrt(ms + cfg.norm_eps) * scale_D
+            y = x * jax.lax.rsqrt(ms + cfg.norm_eps) * trailing(scale_D, x.ndim)
         return y.astype(cfg.compute_dtype)
 
 
 def rope_angles(positions_BxT: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
     """cos/sin tables [B, T, head_dim] for rotary positions (eq. 1, RoPE variant)."""
     inv_freq_K2 = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles_BxTxK2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_K2
+    angles_BxTxK2 = positions_BxT.astype(jnp.float32)[..., None] * trailing(inv_freq_K2, positions_BxT.ndim + 1)
     angles_BxTxK = jnp.concatenate([angles_BxTxK2, angles_BxTxK2], axis=-1)
     return jnp.cos(angles_BxTxK), jnp.sin(angles_BxTxK)
 
@@ -65,7 +70,7 @@ def _dense(module: nn.Module, name: str, x: Array, shape: tuple[int, int], std: 
     w = module.param(name, normal_init(std), shape)
     y = x @ w.astype(dtype)
     if bias:
-        y = y + module.param(name + "_bias", nn.initializers.zeros, (shape[1],)).astype(dtype)
+        y = y + trailing(module.param(name + "_bias", nn.initializers.zeros, (shape[1],)).astype(dtype), y.ndim)
     return y
 
 

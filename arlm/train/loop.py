@@ -32,6 +32,9 @@ class LoopConfig:
     eval_every: int = 100
     log_every: int = 10
     progress: bool = True
+    # Stop (evaluate and checkpoint) after this many steps in all, keeping the schedule of
+    # total_steps: an interruption that a rerun resumes from. None: run to total_steps.
+    stop_after: int | None = None
 
 
 @dataclasses.dataclass
@@ -70,6 +73,7 @@ def run_training(
         resumed_from = int(state.step)
 
     start_step = int(state.step)
+    end_step = cfg.total_steps if cfg.stop_after is None else min(cfg.stop_after, cfg.total_steps)
     last_eval: dict[str, float] = {}
     pending: tuple[int, dict] | None = None
     tokens = 0
@@ -79,7 +83,7 @@ def run_training(
     t_steady = None              # after the first (compiling) step
     side_seconds = 0.0           # evaluation and checkpointing, excluded from throughput
     steady_tokens = 0
-    for step in range(start_step, cfg.total_steps):
+    for step in range(start_step, end_step):
         batch = next(train_iter)
         n_batch_tokens = int(np.prod(batch["inputs"].shape))
         tokens += n_batch_tokens
@@ -94,7 +98,7 @@ def run_training(
         pending = (step, metrics)
         bar.update(1)
         done = step + 1
-        if evaluate is not None and (done % cfg.eval_every == 0 or done == cfg.total_steps):
+        if evaluate is not None and (done % cfg.eval_every == 0 or done == end_step):
             _report(pending, writer, bar, cfg)
             pending = None
             t_side = time.perf_counter()
@@ -103,7 +107,7 @@ def run_training(
             if writer is not None:
                 writer.write(done, "val", last_eval)
             bar.write(f"step {done}: " + ", ".join(f"val_{k}={v:.4f}" for k, v in last_eval.items()))
-        final = done == cfg.total_steps
+        final = done == end_step
         if checkpointer is not None and (final or checkpointer.should_save(done)):
             if pending is not None:      # never save a state whose loss was not checked
                 _report(pending, writer, bar, cfg)

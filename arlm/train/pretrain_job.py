@@ -100,7 +100,7 @@ def run_pretraining(config: ml_collections.ConfigDict) -> dict[str, Any]:
         result = run_training(
             state, train_step, train_iter, put_batch,
             LoopConfig(total_steps=t.steps, eval_every=t.eval_every, log_every=t.log_every,
-                       progress=t.progress),
+                       progress=t.progress, stop_after=t.get("stop_after")),
             evaluate=evaluate, checkpointer=checkpointer,
             data_state=lambda: pipeline.iterator_state_to_json(train_iter),
             restore_data=lambda s: pipeline.restore_iterator(train_iter, s),

@@ -82,7 +82,7 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rng, _ = jax.random.split(state.rng)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
         if lr_schedule is not None:
             metrics["lr"] = lr_schedule(state.step)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)

@@ -1,0 +1,318 @@
+"""Orbax checkpoints: exact resume of the main job, keep-last-K, damaged or mismatched
+checkpoints, and restoring under a different mesh (8 forced CPU devices)."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import itertools
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import arlm
+from arlm.sharding import MeshConfig, batch_sharding, make_mesh, named
+from arlm.train.checkpoint import Checkpointer, CheckpointError
+from arlm.train.loop import LoopConfig, run_training
+from arlm.train.metrics import read_metrics
+from arlm.train.optim import OptimConfig, make_optimizer
+from arlm.train.pretrain_job import model_config_from, run_pretraining
+from arlm.train.state import TrainState, create_train_state, state_specs
+from arlm.train.step import make_train_step
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = arlm.ModelConfig.llama(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                              max_seq_len=16)
+OPT_CFG = OptimConfig(learning_rate=1e-2, warmup_steps=2, total_steps=20)
+
+
+def tiny_job_config(workdir, **train):
+    """experiments/configs/pretrain.py shrunk to a few seconds on CPU (byte tokenizer)."""
+    spec = importlib.util.spec_from_file_location("_pretrain_config", REPO / "experiments/configs/pretrain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.workdir = str(workdir)
+    c.model.update(dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32))
+    c.data.update(dict(tokenizer="byte", seq_len=32, batch_size=8, eval_batches=2))
+    c.optim.update(dict(learning_rate=3e-3, warmup_steps=3))
+    c.train.update(dict(progress=False, log_every=1, eval_every=6, checkpoint_every=6, keep_checkpoints=3))
+    c.train.update(train)
+    c.sample.update(dict(prompts=["In the beginning"], max_new_tokens=4))
+    return c
+
+
+def host(tree):
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def assert_trees_bitwise_equal(a, b):
+    la, ta = jax.tree_util.tree_flatten_with_path(host(a))
+    lb, tb = jax.tree_util.tree_flatten_with_path(host(b))
+    assert ta == tb
+    for (path, x), (_, y) in zip(la, lb):
+        assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
+        assert np.array_equal(x, y), f"{jax.tree_util.keystr(path)} differs"
+
+
+def job_target(config):
+    """A freshly initialised TrainState on the job's mesh: the restore target for its checkpoints."""
+    model_cfg = model_config_from(config.model, 257)          # byte tokenizer
+    fields = config.optim.to_dict()
+    fields["warmup_steps"] = min(fields["warmup_steps"], config.train.steps)
+    optimizer = make_optimizer(OptimConfig(total_steps=config.train.steps, **fields))
+    mesh_cfg = MeshConfig(**config.mesh.to_dict())
+    state, _ = create_train_state(lambda k: arlm.init_params(model_cfg, k), optimizer,
+                                  make_mesh(mesh_cfg), mesh_cfg, config.seed)
+    return state
+
+
+def restore(directory, target, step=None):
+    ckpt = Checkpointer(directory)
+    try:
+        return ckpt.restore(target, step)
+    finally:
+        ckpt.close()
+
+
+# ---------------------------------------------------------------- exact resume of the main job
+
+@pytest.mark.slow
+def test_interrupted_job_resumes_bitwise(tmp_path, monkeypatch):
+    monkeypatch.setenv("ARLM_CACHE", str(tmp_path / "cache"))
+    n = 6
+    cfg_a = tiny_job_config(tmp_path / "a", steps=2 * n)
+    summary_a = run_pretraining(cfg_a)
+    assert summary_a["steps"] == 2 * n and summary_a["resumed_from"] is None
+
+    # Run B is interrupted after n steps (same schedule as A: total 2n steps), then rerun.
+    cfg_b = tiny_job_config(tmp_path / "b", steps=2 * n, stop_after=n)
+    summary_b1 = run_pretraining(cfg_b)
+    assert summary_b1["steps"] == n and summary_b1["resumed_from"] is None
+    ckpt_dir_b = str(tmp_path / "b" / "checkpoints")
+    assert Checkpointer(ckpt_dir_b).all_steps() == [n]
+    cfg_b.train.stop_after = None
+    summary_b2 = run_pretraining(cfg_b)
+    assert summary_b2["resumed_from"] == n
+    assert summary_b2["steps"] == 2 * n
+
+    # Final (and interruption-point) checkpoints agree bit for bit: params, optimizer, step, RNG, data.
+    target = job_target(cfg_a)
+    ckpt_dir_a = str(tmp_path / "a" / "checkpoints")
+    for step in (n, 2 * n):
+        state_a, data_a = restore(ckpt_dir_a, target, step)
+        state_b, data_b = restore(ckpt_dir_b, target, step)
+        assert int(state_a.step) == step
+        assert_trees_bitwise_equal(state_a, state_b)
+        assert data_a == data_b and data_a, (data_a, data_b)
+    # The restored iterator position is where A's iterator was after 2n batches.
+    assert data_a != restore(ckpt_dir_a, target, n)[1]
+    assert summary_b2["val_loss_nats_per_token"] == summary_a["val_loss_nats_per_token"]
+
+    # The logged training losses are identical too, before and after the interruption.
+    def train_losses(workdir):
+        recs = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "train"]
+        steps = [r["step"] for r in recs]
+        assert len(steps) == len(set(steps)), f"duplicated train records: {steps}"
+        return {r["step"]: r["loss"] for r in recs}
+    losses_a, losses_b = train_losses(cfg_a.workdir), train_losses(cfg_b.workdir)
+    assert sorted(losses_a) == sorted(losses_b) == list(range(1, 2 * n + 1))
+    assert [losses_b[s] for s in range(n + 1, 2 * n + 1)] == [losses_a[s] for s in range(n + 1, 2 * n + 1)]
+    assert losses_b == losses_a
+
+
+# ---------------------------------------------------------------- a tiny state for the rest
+
+def _loss(params, batch):
+    pred = batch["x"] @ params["w"] + params["b"]
+    return jnp.mean((pred - batch["y"]) ** 2), {}
+
+
+def toy_run(directory, steps, *, save_every, keep):
+    """run_training on a 4x4 linear model, with the real Checkpointer and train step."""
+    mesh_cfg = MeshConfig()
+    mesh = make_mesh(mesh_cfg)
+    opt = optax.adam(1e-2)
+    init = lambda k: {"w": jax.random.normal(k, (4, 4)), "b": jnp.zeros((4,))}  # noqa: E731
+    state, sharding = create_train_state(init, opt, mesh, mesh_cfg, seed=0)
+    data_sharding = batch_sharding(mesh)
+    step_fn = make_train_step(_loss, opt, sharding, data_sharding)
+    rng = np.random.default_rng(0)
+    counter = itertools.count()
+    batches = ({"x": rng.normal(size=(8, 4)).astype(np.float32),
+                "y": rng.normal(size=(8, 4)).astype(np.float32)} for _ in counter)
+    ckpt = Checkpointer(directory, save_every=save_every, keep=keep)
+    try:
+        result = run_training(state, step_fn, batches, lambda b: jax.device_put(b, data_sharding),
+                              LoopConfig(total_steps=steps, progress=False), checkpointer=ckpt,
+                              data_state=lambda: {"next_index": int(str(counter).split("(")[1][:-1])})
+        return result, ckpt.all_steps()
+    finally:
+        ckpt.close()
+
+
+def test_keeps_only_last_k_checkpoints(tmp_path):
+    result, steps = toy_run(str(tmp_path / "ck"), 8, save_every=2, keep=2)
+    assert int(result.state.step) == 8
+    assert steps == [6, 8]
+    assert sorted(os.listdir(tmp_path / "ck")) == ["6", "8"]
+
+
+# ---------------------------------------------------------------- missing, corrupt, mismatched
+
+def abstract_target(model_cfg, mesh, mesh_cfg, optimizer=None):
+    """ShapeDtypeStructs with shardings (no allocation, no compilation) for a restore target."""
+    optimizer = optimizer or make_optimizer(OPT_CFG)
+
+    def init(key):
+        init_key, rng = jax.random.split(key)
+        params = arlm.init_params(model_cfg, init_key)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                          rng=rng)
+
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    sharding = named(mesh, state_specs(abstract, optimizer, mesh, mesh_cfg))
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract, sharding)
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    mesh_cfg = MeshConfig(data=1)
+    mesh = make_mesh(mesh_cfg, jax.devices()[:1])
+    state, _ = create_train_state(lambda k: arlm.init_params(TINY, k), make_optimizer(OPT_CFG), mesh,
+                                  mesh_cfg, seed=0)
+    return state, mesh, mesh_cfg
+
+
+def save_once(directory, state, data=None, step=1):
+    ckpt = Checkpointer(directory, save_every=1, keep=3)
+    try:
+        assert ckpt.save(step, state, data)
+    finally:
+        ckpt.close()
+
+
+def test_missing_checkpoint(tmp_path, one_device):
+    state, _, _ = one_device
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        restore(str(tmp_path / "empty"), state)
+    save_once(str(tmp_path / "ck"), state)
+    with pytest.raises(CheckpointError, match=r"no checkpoint for step 5.*have \[1\]"):
+        restore(str(tmp_path / "ck"), state, step=5)
+
+
+def test_round_trip(tmp_path, one_device):
+    state, _, _ = one_device
+    save_once(str(tmp_path / "ck"), state, {"next_index": 7})
+    restored, data = restore(str(tmp_path / "ck"), state)
+    assert data == {"next_index": 7}
+    assert_trees_bitwise_equal(restored, state)
+
+
+def _data_files(step_dir):
+    """The array payload files orbax (OCDBT + zarr) writes under <step>/state/."""
+    files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+             if os.path.isfile(f)]
+    assert files, sorted(glob.glob(os.path.join(step_dir, "**"), recursive=True))
+    return files
+
+
+def _overwrite(files):
+    rng = np.random.default_rng(0)
+    for f in files:
+        with open(f, "wb") as fh:
+            fh.write(rng.bytes(os.path.getsize(f)))
+
+
+def _truncate(files):
+    for f in files:
+        with open(f, "r+b") as fh:
+            fh.truncate(os.path.getsize(f) // 2)
+
+
+def _delete(files):
+    for f in files:
+        os.remove(f)
+
+
+def _flip_one_bit(files):
+    # One bit in the middle of the largest payload (the arrays' compressed bytes): orbax and
+    # tensorstore do not checksum it, so only arlm's own checksums can tell.
+    big = max(files, key=os.path.getsize)
+    raw = bytearray(open(big, "rb").read())
+    raw[len(raw) // 2] ^= 0x01
+    open(big, "wb").write(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", [_overwrite, _truncate, _delete, _flip_one_bit],
+                         ids=["overwrite", "truncate", "delete", "flip_one_bit"])
+def test_corrupt_checkpoint_raises(tmp_path, one_device, damage):
+    state, _, _ = one_device
+    directory = str(tmp_path / "ck")
+    save_once(directory, state, {"next_index": 3})
+    damage(_data_files(os.path.join(directory, "1")))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        restore(directory, state)
+
+
+def test_checkpoint_of_another_model_raises(tmp_path, one_device):
+    state, mesh, mesh_cfg = one_device
+    directory = str(tmp_path / "ck")
+    save_once(directory, state)
+    wider = dataclass_replace(TINY, d_model=48, n_heads=4)
+    with pytest.raises(CheckpointError, match="step 1"):
+        restore(directory, abstract_target(wider, mesh, mesh_cfg))
+    deeper = dataclass_replace(TINY, n_layers=3)
+    with pytest.raises(CheckpointError, match="step 1"):
+        restore(directory, abstract_target(deeper, mesh, mesh_cfg))
+    gpt2 = arlm.ModelConfig.gpt2(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=16)
+    with pytest.raises(CheckpointError, match="step 1"):   # a different tree (biases, positions)
+        restore(directory, abstract_target(gpt2, mesh, mesh_cfg))
+    # The matching abstract target restores fine.
+    restored, _ = restore(directory, abstract_target(TINY, mesh, mesh_cfg))
+    assert_trees_bitwise_equal(restored, state)
+
+
+def dataclass_replace(cfg, **changes):
+    import dataclasses
+    return dataclasses.replace(cfg, **changes)
+
+
+# ---------------------------------------------------------------- restore under another mesh
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["array_target", "abstract_target"])
+def test_restore_onto_fsdp_mesh(tmp_path, one_device, abstract):
+    state, _, _ = one_device
+    directory = str(tmp_path / "ck")
+    save_once(directory, state, {"next_index": 11})
+
+    mesh_cfg = MeshConfig(data=2, fsdp=4, param_sharding="fsdp", min_fsdp_size=1)
+    mesh = make_mesh(mesh_cfg)
+    assert mesh.devices.size == 8
+    if abstract:
+        target = abstract_target(TINY, mesh, mesh_cfg)
+    else:   # a different seed, so the restore must overwrite every value
+        target, _ = create_train_state(lambda k: arlm.init_params(TINY, k), make_optimizer(OPT_CFG), mesh,
+                                       mesh_cfg, seed=1)
+    restored, data = restore(directory, target)
+    assert data == {"next_index": 11}
+    assert_trees_bitwise_equal(restored, state)
+
+    r_leaves = jax.tree_util.tree_leaves(restored)
+    t_leaves = jax.tree_util.tree_leaves(target)
+    n_split = 0
+    for r, t in zip(r_leaves, t_leaves):
+        assert r.sharding.is_equivalent_to(t.sharding, r.ndim), (r.sharding, t.sharding)
+        assert len(r.sharding.device_set) == 8
+        n_split += any(ax is not None for ax in r.sharding.spec)
+    assert n_split > 0, "no leaf is actually FSDP-sharded"
+    # Each device holds only its shard of a split leaf.
+    emb = restored.params["embed"] if "embed" in restored.params else r_leaves[0]
+    if any(ax is not None for ax in emb.sharding.spec):
+        assert emb.addressable_shards[0].data.size == emb.size // 4
