@@ -4,3 +4,6 @@ from arlm.model import ModelOutput, apply_model, count_params, embed_tokens, for
 
 __all__ = ["ModelConfig", "ModelOutput", "apply_model", "count_params", "embed_tokens", "forward",
            "init_params"]
+from arlm.checkpoints import LoadedModel, load, save_hf
+
+__all__ += ["LoadedModel", "load", "save_hf"]

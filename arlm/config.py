@@ -35,7 +35,7 @@ class ModelConfig:
       norm: "layernorm" (GPT-2) or "rmsnorm" (Llama).
       norm_eps: ε of the normalisation.
       mlp: "gelu" (GPT-2 MLP with tanh-approximated GELU) or "swiglu" (Llama).
-      use_bias: biases in the attention and MLP projections (GPT-2).
+      use_bias: biases in the attention and dense MLP projections (GPT-2); MoE experts have none.
       tie_embeddings: W_U = Eᵀ (the unembedding shares the embedding matrix).
       n_experts: 0 for a dense feed-forward block, otherwise the number of
         experts of a mixture-of-experts block (eq. 5).

@@ -3,9 +3,10 @@ checkpoints, and restoring under a different mesh (8 forced CPU devices)."""
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import glob
 import importlib.util
-import itertools
 import os
 import pathlib
 
@@ -129,8 +130,21 @@ def test_interrupted_job_resumes_bitwise(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- a tiny state for the rest
 
 def _loss(params, batch):
-    pred = batch["x"] @ params["w"] + params["b"]
-    return jnp.mean((pred - batch["y"]) ** 2), {}
+    pred = batch["inputs"] @ params["w"] + params["b"][None, :]
+    return jnp.mean((pred - batch["targets"]) ** 2), {}
+
+
+class ToyBatches:
+    """An endless, positioned stream of regression batches (state: the next batch index)."""
+
+    def __init__(self):
+        self.index = 0
+
+    def __next__(self):
+        rng = np.random.default_rng(self.index)
+        self.index += 1
+        return {"inputs": rng.normal(size=(8, 4)).astype(np.float32),
+                "targets": rng.normal(size=(8, 4)).astype(np.float32)}
 
 
 def toy_run(directory, steps, *, save_every, keep):
@@ -142,24 +156,22 @@ def toy_run(directory, steps, *, save_every, keep):
     state, sharding = create_train_state(init, opt, mesh, mesh_cfg, seed=0)
     data_sharding = batch_sharding(mesh)
     step_fn = make_train_step(_loss, opt, sharding, data_sharding)
-    rng = np.random.default_rng(0)
-    counter = itertools.count()
-    batches = ({"x": rng.normal(size=(8, 4)).astype(np.float32),
-                "y": rng.normal(size=(8, 4)).astype(np.float32)} for _ in counter)
+    batches = ToyBatches()
     ckpt = Checkpointer(directory, save_every=save_every, keep=keep)
     try:
         result = run_training(state, step_fn, batches, lambda b: jax.device_put(b, data_sharding),
                               LoopConfig(total_steps=steps, progress=False), checkpointer=ckpt,
-                              data_state=lambda: {"next_index": int(str(counter).split("(")[1][:-1])})
-        return result, ckpt.all_steps()
+                              data_state=lambda: {"next_index": batches.index})
+        return result, ckpt.all_steps(), ckpt.restore(result.state)[1]
     finally:
         ckpt.close()
 
 
 def test_keeps_only_last_k_checkpoints(tmp_path):
-    result, steps = toy_run(str(tmp_path / "ck"), 8, save_every=2, keep=2)
+    result, steps, data = toy_run(str(tmp_path / "ck"), 8, save_every=2, keep=2)
     assert int(result.state.step) == 8
     assert steps == [6, 8]
+    assert data == {"next_index": 8}
     assert sorted(os.listdir(tmp_path / "ck")) == ["6", "8"]
 
 
@@ -250,6 +262,17 @@ def _flip_one_bit(files):
     open(big, "wb").write(bytes(raw))
 
 
+@pytest.fixture
+def orbax_leftovers():
+    """orbax abandons its other pending reads of a damaged checkpoint: collect them here, under this
+    test's warning filters, rather than as "never awaited" warnings in whichever test runs next."""
+    yield
+    gc.collect()
+
+
+@pytest.mark.usefixtures("orbax_leftovers")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 @pytest.mark.parametrize("damage", [_overwrite, _truncate, _delete, _flip_one_bit],
                          ids=["overwrite", "truncate", "delete", "flip_one_bit"])
 def test_corrupt_checkpoint_raises(tmp_path, one_device, damage):
@@ -261,14 +284,17 @@ def test_corrupt_checkpoint_raises(tmp_path, one_device, damage):
         restore(directory, state)
 
 
+@pytest.mark.usefixtures("orbax_leftovers")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 def test_checkpoint_of_another_model_raises(tmp_path, one_device):
     state, mesh, mesh_cfg = one_device
     directory = str(tmp_path / "ck")
     save_once(directory, state)
-    wider = dataclass_replace(TINY, d_model=48, n_heads=4)
+    wider = dataclasses.replace(TINY, d_model=48, n_heads=4)
     with pytest.raises(CheckpointError, match="step 1"):
         restore(directory, abstract_target(wider, mesh, mesh_cfg))
-    deeper = dataclass_replace(TINY, n_layers=3)
+    deeper = dataclasses.replace(TINY, n_layers=3)
     with pytest.raises(CheckpointError, match="step 1"):
         restore(directory, abstract_target(deeper, mesh, mesh_cfg))
     gpt2 = arlm.ModelConfig.gpt2(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=16)
@@ -277,11 +303,6 @@ def test_checkpoint_of_another_model_raises(tmp_path, one_device):
     # The matching abstract target restores fine.
     restored, _ = restore(directory, abstract_target(TINY, mesh, mesh_cfg))
     assert_trees_bitwise_equal(restored, state)
-
-
-def dataclass_replace(cfg, **changes):
-    import dataclasses
-    return dataclasses.replace(cfg, **changes)
 
 
 # ---------------------------------------------------------------- restore under another mesh
@@ -312,7 +333,7 @@ def test_restore_onto_fsdp_mesh(tmp_path, one_device, abstract):
         assert len(r.sharding.device_set) == 8
         n_split += any(ax is not None for ax in r.sharding.spec)
     assert n_split > 0, "no leaf is actually FSDP-sharded"
-    # Each device holds only its shard of a split leaf.
-    emb = restored.params["embed"] if "embed" in restored.params else r_leaves[0]
-    if any(ax is not None for ax in emb.sharding.spec):
-        assert emb.addressable_shards[0].data.size == emb.size // 4
+    # Each device holds only its shard of a split leaf (embed [64, 32]: 64 rows over fsdp=4).
+    emb = restored.params["embed"]
+    assert emb.sharding.spec == target.params["embed"].sharding.spec
+    assert emb.addressable_shards[0].data.shape == (16, 32)

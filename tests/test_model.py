@@ -9,7 +9,7 @@ shows up as an O(1) discrepancy, not as noise.
 
 Tolerances (float32 model vs float64 reference): every comparison checks
     max |arlm − ref| ≤ TOL_F32 · max(1, max |ref|),    TOL_F32 = 2e-5,
-i.e. ~100 float32 ulps of the largest value; measured errors are ~1e-7..1e-6
+i.e. ~170 float32 ulps of the largest value; measured errors are ~1e-7..1e-6
 relative (see the report of `test_matches_float64_reference`).
 """
 
@@ -85,7 +85,7 @@ def random_tokens(seed: int, batch: int = 2, length: int = T) -> jax.Array:
 
 
 def to_np64(tree) -> dict:
-    return _map_with_names(lambda _, x: np.asarray(x, np.float64), tree)
+    return _map_with_names(lambda _, x: np.array(x, np.float64), tree)   # writable copies
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,8 +178,11 @@ def ref_ffn(config, p, x, expert=None):
     return hidden @ w("w_out") + b("w_out")
 
 
-def ref_moe(config, p, x):
-    """Σ_e g_e FFN_e with top-k gating; Switch load-balancing loss E·Σ_e f_e P_e."""
+def ref_moe(config, p, x, routing=None):
+    """Σ_e g_e FFN_e with top-k gating; Switch load-balancing loss E·Σ_e f_e P_e.
+
+    With `routing` (a list), the chosen experts are appended to it instead of checking margins.
+    """
     b, t, d = x.shape
     n, e_count, k = b * t, config.n_experts, config.moe_top_k
     xf = x.reshape(n, d)
@@ -188,7 +191,9 @@ def ref_moe(config, p, x):
     top = order[:, :k]
     # float32 must select the same experts: require a clear margin at the k-th place.
     srt = np.take_along_axis(logits, order, -1)
-    if k < e_count:
+    if routing is not None:
+        routing.append(np.sort(top, axis=-1))
+    elif k < e_count:
         assert (srt[:, k - 1] - srt[:, k]).min() > 1e-4, "router top-k too close to a tie for a fair test"
     gates_k = ref_softmax(np.take_along_axis(logits, top, -1))                  # softmax over the k chosen
     gates = np.zeros((n, e_count))
@@ -202,7 +207,7 @@ def ref_moe(config, p, x):
 
 
 def ref_apply(config, params, tokens=None, *, embeddings=None, positions=None, key_mask=None,
-              variant=()):
+              variant=(), routing=None):
     """Eqs. 1–6 in float64. Returns (logits, hidden [L+1,B,T,D], α [L,B,H,T,S], aux)."""
     p = params if isinstance(params.get("embed"), np.ndarray) else to_np64(params)
     if embeddings is None:
@@ -221,7 +226,7 @@ def ref_apply(config, params, tokens=None, *, embeddings=None, positions=None, k
         h = h + a                                                                # eq. 5, pre-norm residual
         x = ref_norm(config, lp["mlp_norm"], h)
         if config.n_experts:
-            y, layer_aux = ref_moe(config, lp["moe"], x)
+            y, layer_aux = ref_moe(config, lp["moe"], x, routing)
             aux += layer_aux
         else:
             y = ref_ffn(config, lp["mlp"], x)
@@ -307,7 +312,7 @@ def test_matches_float64_reference(name):
     if not cfg.n_experts:
         assert float(out.moe_aux_loss) == 0.0
     else:
-        assert float(out.moe_aux_loss) > 0.5 * cfg.n_layers  # ≥ 1 per layer up to sampling noise
+        assert float(out.moe_aux_loss) > 0.5 * cfg.n_layers  # ≈ 1 per layer for near-uniform routing
     print(f"\n{name}: " + ", ".join(f"{k} max|Δ|={a:.2e} rel={r:.2e}" for k, (a, r) in stats.items()))
 
 
@@ -351,7 +356,7 @@ def test_bfloat16_compute(name):
 
 
 def test_init_params_layers_are_independent_and_scaled():
-    cfg = FAMILIES["llama_moe"].replace(n_layers=3)
+    cfg = FAMILIES["gpt2"].replace(n_layers=3)
     params = jax.jit(arlm.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(0))
     wq = np.asarray(params["layers"]["attn"]["wq"])
     assert wq.shape == (3, D, H, D // H)
@@ -472,9 +477,10 @@ def test_embedding_grad_matches_reference_finite_differences(name):
 # Under jax_enable_x64 with float64 params, jax.grad vs central differences of arlm's own loss.
 # arlm computes internally in float32 whatever the param dtype (norms, RoPE, scores, softmax
 # and the logit matmul cast to float32 by design), so the loss carries float32 rounding
-# (~1e-7 relative) and the finite difference cannot be tight: with a step of 1e-2 on O(0.2)
-# entries (measured |Δg| ≈ 2e-4 · max|g|) we require |Δg| ≤ 2e-3 · max|g|.
-X64_GRAD_TOL = 2e-3
+# (~1e-6 absolute) and the finite difference cannot be as tight as a float64 one. A fourth-order
+# stencil with step 3e-2 on O(0.2) entries balances truncation and rounding (measured
+# |Δg| ≤ 1.2e-4 · max|g|); we require |Δg| ≤ 1e-3 · max(1e-2, max|g|).
+X64_GRAD_TOL = 1e-3
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -484,18 +490,38 @@ def test_param_grad_finite_differences_x64(name):
     was_x64 = jax.config.jax_enable_x64
     with jax.enable_x64(True):
         params = _map_with_names(lambda _, x: jnp.asarray(x, jnp.float64), _cached_params(name))
-        loss_fn = jax.jit(lambda p, x, y: mean_xent(arlm.forward(cfg, p, x), y).astype(jnp.float64))
+        value_and_grad = jax.jit(jax.value_and_grad(
+            lambda p, x, y: mean_xent(arlm.forward(cfg, p, x), y).astype(jnp.float64)))
 
         def loss(p):
-            return loss_fn(p, tokens, targets)
+            return value_and_grad(p, tokens, targets)[0]
 
-        grads = jax.grad(loss)(params)
+        grads = value_and_grad(params, tokens, targets)[1]
         assert _get(grads, ("embed",)).dtype == jnp.float64
         rng = np.random.default_rng(15)
-        step = 1e-2
+        step = 3e-2
+        p64 = to_np64(params)
+
+        def routing_at(path, idx, delta):
+            leaf = _get(p64, path)
+            orig = leaf[idx]
+            leaf[idx] = orig + delta
+            routing = []
+            ref_apply(cfg, p64, tokens, routing=routing)
+            leaf[idx] = orig
+            return np.stack(routing) if routing else None
+
+        def routing_is_stable(path, idx):
+            """MoE routing is piecewise constant: the stencil must not cross a top-k switch."""
+            base = routing_at(path, idx, 0.0)
+            return base is None or all(np.array_equal(base, routing_at(path, idx, m * step))
+                                       for m in (-2, -1, 1, 2))
+
         got, want = [], []
-        for path, idx in _sample_entries(params, rng):
-            leaf = _get(params, path)
+        for path, idx in _sample_entries(params, rng, per_leaf=3 if cfg.n_experts else 2):
+            if not routing_is_stable(path, idx):
+                continue
+            leaf = np.asarray(_get(params, path))
 
             def shifted(delta, path=path, idx=idx, leaf=leaf):
                 new = dict(params)
@@ -503,16 +529,20 @@ def test_param_grad_finite_differences_x64(name):
                 for k in path[:-1]:
                     node[k] = dict(node[k])
                     node = node[k]
-                node[path[-1]] = leaf.at[idx].add(delta)
+                moved = leaf.copy()
+                moved[idx] += delta
+                node[path[-1]] = jnp.asarray(moved)
                 return float(loss(new))
 
-            want.append((shifted(step) - shifted(-step)) / (2 * step))
+            want.append((-shifted(2 * step) + 8 * shifted(step) - 8 * shifted(-step) + shifted(-2 * step))
+                        / (12 * step))
             got.append(float(_get(grads, path)[idx]))
         got, want = np.array(got), np.array(want)
+        assert len(want) >= 20
         scale = max(1e-2, np.abs(want).max())
         err = np.abs(got - want).max()
         assert err <= X64_GRAD_TOL * scale, f"max|Δg|={err:.3e}, scale {scale:.3e}"
-        print(f"\n{name} x64: max|Δg|={err:.2e}, rel={err / scale:.2e}")
+        print(f"\n{name} x64: {len(want)} entries, max|Δg|={err:.2e}, rel={err / scale:.2e}")
     assert jax.config.jax_enable_x64 == was_x64
 
 

@@ -38,10 +38,10 @@ def sample_tokens(
     if not prompt:
         raise ValueError("the prompt must hold at least one token")
     ids = list(prompt)
-    width = config.max_seq_len
     out: list[int] = []
     for _ in range(max_new_tokens):
-        context = ids[-width:]
+        context = ids[-config.max_seq_len:]
+        width = min(config.max_seq_len, 1 << max(4, (len(context) - 1).bit_length()))  # few compiles
         window = np.zeros((1, width), np.int32)
         window[0, :len(context)] = context
         logits_V = _last_logits(config, params, jnp.asarray(window), jnp.asarray(len(context)))

@@ -97,7 +97,7 @@ class Mlp(nn.Module):
 
 
 class MoE(nn.Module):
-    """Mixture of experts `Σ_e g_e(h) FFN_e(h)` with top-k gating (eq. 5).
+    """Mixture of experts `Σ_e g_e(h) FFN_e(h)` with top-k gating (eq. 5). Experts have no biases.
 
     The router is a linear map to E logits; each token keeps its top-k experts,
     whose gates are the softmax of those k logits. Every expert is evaluated on
@@ -118,7 +118,7 @@ class MoE(nn.Module):
         e, k, d, f = cfg.n_experts, cfg.moe_top_k, cfg.d_model, cfg.d_ff
         x = x_BxTxD.astype(dt)
         router_DxE = self.param("router", normal_init(cfg.init_std), (d, e))
-        router_logits = (x.astype(jnp.float32) @ router_DxE)  # [B, T, E], float32
+        router_logits = x.astype(jnp.float32) @ router_DxE.astype(jnp.float32)  # [B, T, E], float32
         top_logits_BxTxK, top_idx_BxTxK = jax.lax.top_k(router_logits, k)
         top_gates = jax.nn.softmax(top_logits_BxTxK, axis=-1)
         onehot_BxTxKxE = jax.nn.one_hot(top_idx_BxTxK, e, dtype=jnp.float32)

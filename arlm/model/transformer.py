@@ -191,15 +191,17 @@ def _check_tokens(config: ModelConfig, tokens: Array) -> None:
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
     if _is_concrete(tokens) and tokens.size:
-        lo, hi = int(np.min(tokens)), int(np.max(tokens))
+        tokens = np.asarray(tokens)
+        lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= config.vocab_size:
             raise ValueError(f"token ids must be in [0, {config.vocab_size}); got min {lo}, max {hi}")
 
 
 def _check_positions(config: ModelConfig, positions: Array) -> None:
     if _is_concrete(positions) and positions.size:
-        hi = int(np.max(positions))
-        if hi >= config.max_seq_len or int(np.min(positions)) < 0:
+        positions = np.asarray(positions)
+        hi = int(positions.max())
+        if hi >= config.max_seq_len or int(positions.min()) < 0:
             raise ValueError(
                 f"position {hi} is outside the context window [0, Δ = {config.max_seq_len}); "
                 "truncate the input (eq. 18)")

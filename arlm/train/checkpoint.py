@@ -32,6 +32,7 @@ class Checkpointer:
         if save_every <= 0 or keep <= 0:
             raise ValueError("save_every and keep must be > 0")
         self.directory = os.path.abspath(directory)
+        self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_every, max_to_keep=keep, create=True,
             enable_async_checkpointing=async_save)
@@ -42,7 +43,9 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def should_save(self, step: int) -> bool:
-        return self._manager.should_save(step)
+        # orbax's default policy also saves the first step it is asked about (InitialSavePolicy):
+        # only multiples of save_every are on the interval.
+        return step % self.save_every == 0 and self._manager.should_save(step)
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
