@@ -17,12 +17,13 @@ import optax
 import pytest
 
 import arlm
+from arlm.data import pipeline
 from arlm.sharding import MeshConfig, batch_sharding, make_mesh, named
 from arlm.train.checkpoint import Checkpointer, CheckpointError
 from arlm.train.loop import LoopConfig, run_training
 from arlm.train.metrics import read_metrics
 from arlm.train.optim import OptimConfig, make_optimizer
-from arlm.train.pretrain_job import model_config_from, run_pretraining
+from arlm.train.pretrain_job import model_config_from, prepare_data, run_pretraining
 from arlm.train.state import TrainState, create_train_state, state_specs
 from arlm.train.step import make_train_step
 
@@ -34,7 +35,8 @@ OPT_CFG = OptimConfig(learning_rate=1e-2, warmup_steps=2, total_steps=20)
 
 def tiny_job_config(workdir, **train):
     """experiments/configs/pretrain.py shrunk to a few seconds on CPU (byte tokenizer)."""
-    spec = importlib.util.spec_from_file_location("_pretrain_config", REPO / "experiments/configs/pretrain.py")
+    path = REPO / "experiments" / "configs" / "pretrain.py"
+    spec = importlib.util.spec_from_file_location("_pretrain_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
@@ -61,9 +63,9 @@ def assert_trees_bitwise_equal(a, b):
         assert np.array_equal(x, y), f"{jax.tree_util.keystr(path)} differs"
 
 
-def job_target(config):
+def job_target(config, vocab_size):
     """A freshly initialised TrainState on the job's mesh: the restore target for its checkpoints."""
-    model_cfg = model_config_from(config.model, 257)          # byte tokenizer
+    model_cfg = model_config_from(config.model, vocab_size)
     fields = config.optim.to_dict()
     fields["warmup_steps"] = min(fields["warmup_steps"], config.train.steps)
     optimizer = make_optimizer(OptimConfig(total_steps=config.train.steps, **fields))
@@ -77,6 +79,14 @@ def restore(directory, target, step=None):
     ckpt = Checkpointer(directory)
     try:
         return ckpt.restore(target, step)
+    finally:
+        ckpt.close()
+
+
+def saved_steps(directory):
+    ckpt = Checkpointer(directory)
+    try:
+        return ckpt.all_steps()
     finally:
         ckpt.close()
 
@@ -96,23 +106,32 @@ def test_interrupted_job_resumes_bitwise(tmp_path, monkeypatch):
     summary_b1 = run_pretraining(cfg_b)
     assert summary_b1["steps"] == n and summary_b1["resumed_from"] is None
     ckpt_dir_b = str(tmp_path / "b" / "checkpoints")
-    assert Checkpointer(ckpt_dir_b).all_steps() == [n]
+    assert saved_steps(ckpt_dir_b) == [n]
     cfg_b.train.stop_after = None
     summary_b2 = run_pretraining(cfg_b)
     assert summary_b2["resumed_from"] == n
     assert summary_b2["steps"] == 2 * n
 
     # Final (and interruption-point) checkpoints agree bit for bit: params, optimizer, step, RNG, data.
-    target = job_target(cfg_a)
+    tokenizer, train_tokens, _ = prepare_data(cfg_a)
+    target = job_target(cfg_a, tokenizer.vocab_size)
     ckpt_dir_a = str(tmp_path / "a" / "checkpoints")
+    make_iterator = lambda: pipeline.make_train_iterator(  # noqa: E731
+        train_tokens, cfg_a.data.seq_len, cfg_a.data.batch_size, cfg_a.seed)
+    reference = make_iterator()
     for step in (n, 2 * n):
         state_a, data_a = restore(ckpt_dir_a, target, step)
         state_b, data_b = restore(ckpt_dir_b, target, step)
-        assert int(state_a.step) == step
+        assert int(state_a.step) == int(state_b.step) == step
         assert_trees_bitwise_equal(state_a, state_b)
-        assert data_a == data_b and data_a, (data_a, data_b)
-    # The restored iterator position is where A's iterator was after 2n batches.
-    assert data_a != restore(ckpt_dir_a, target, n)[1]
+        # The saved data position is that of an iterator that has yielded `step` batches.
+        while int(reference.get_state()["next_index"]) < step:
+            next(reference)
+        assert data_a == data_b == pipeline.iterator_state_to_json(reference)
+    # Restoring it into a fresh iterator continues with the very next batch.
+    resumed = pipeline.restore_iterator(make_iterator(), data_b)
+    nxt, want = next(resumed), next(reference)
+    assert all(np.array_equal(nxt[k], want[k]) for k in ("inputs", "targets"))
     assert summary_b2["val_loss_nats_per_token"] == summary_a["val_loss_nats_per_token"]
 
     # The logged training losses are identical too, before and after the interruption.

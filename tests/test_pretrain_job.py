@@ -34,7 +34,8 @@ PROMPTS = ["In the beginning", "And God said"]
 
 def tiny_job_config(workdir, **train):
     """experiments/configs/pretrain.py shrunk to seconds on CPU (byte tokenizer, 8 forced devices)."""
-    spec = importlib.util.spec_from_file_location("_pretrain_config", REPO / "experiments/configs/pretrain.py")
+    path = REPO / "experiments" / "configs" / "pretrain.py"
+    spec = importlib.util.spec_from_file_location("_pretrain_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
@@ -171,7 +172,9 @@ def test_nan_loss_stops_the_loop(tmp_path, checkpoint_every, total_steps):
     step_fn = make_train_step(_loss, opt, sharding, data_sharding)
     batches = Batches(nan_at=2)                      # the third step's loss is NaN
     writer = MetricsWriter(str(tmp_path), tensorboard=False)
-    ckpt = Checkpointer(str(tmp_path / "ck"), save_every=checkpoint_every, keep=10) if checkpoint_every else None
+    ckpt = None
+    if checkpoint_every:
+        ckpt = Checkpointer(str(tmp_path / "ck"), save_every=checkpoint_every, keep=10)
     try:
         with pytest.raises(NonFiniteLossError, match="at step 3"):
             run_training(state, step_fn, batches, lambda b: jax.device_put(b, data_sharding),

@@ -71,6 +71,8 @@ def run_training(
         if restore_data is not None and data:
             restore_data(data)
         resumed_from = int(state.step)
+        if writer is not None:             # a crash after the checkpoint left records past it
+            writer.truncate_after(resumed_from)
 
     start_step = int(state.step)
     end_step = cfg.total_steps if cfg.stop_after is None else min(cfg.stop_after, cfg.total_steps)
@@ -117,6 +119,8 @@ def run_training(
             side_seconds += time.perf_counter() - t_side
     if pending is not None:
         _report(pending, writer, bar, cfg)
+    if evaluate is not None and not last_eval:    # e.g. rerun of a finished job: nothing trained
+        last_eval = evaluate(state)
     jax.block_until_ready(state)
     t_end = time.perf_counter()
     bar.close()

@@ -30,6 +30,14 @@ class MetricsWriter:
                 if k not in ("step", "split") and isinstance(v, float) and math.isfinite(v):
                     self._tb.add_scalar(f"{split}/{k}", v, int(step))
 
+    def truncate_after(self, step: int) -> None:
+        """Drop JSONL records past `step` (a resumed run rewrites them); TensorBoard keeps its own."""
+        self._file.close()
+        kept = [r for r in read_metrics(self.path) if r["step"] <= step]
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        self._file = open(self.path, "a", encoding="utf-8")
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:

@@ -5,6 +5,7 @@ command line, e.g. `--config.train.steps=200 --config.model.family=gpt2`.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -13,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.model = ml_collections.ConfigDict(dict(
-        family="llama", d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, d_ff=512,
+        family="llama", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384,
         max_seq_len=128, dtype="float32", tie_embeddings=True, rope_theta=10000.0))
 
     c.data = ml_collections.ConfigDict(dict(
@@ -25,8 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
         b1=0.9, b2=0.95, clip_norm=1.0, grad_accum=1))
 
     c.train = ml_collections.ConfigDict(dict(
-        steps=600, eval_every=100, log_every=10, checkpoint_every=200, keep_checkpoints=2,
+        steps=500, eval_every=100, log_every=10, checkpoint_every=200, keep_checkpoints=2,
         progress=True))
+    # Stop (and checkpoint) after this many steps while keeping the schedule of train.steps.
+    c.train.stop_after = config_dict.placeholder(int)
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, param_sharding="replicate"))
 
