@@ -6,15 +6,15 @@ from __future__ import annotations
 import dataclasses
 import gc
 import glob
-import importlib.util
 import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
+import _tiny_job
 
 import arlm
 from arlm.data import pipeline
@@ -27,27 +27,17 @@ from arlm.train.pretrain_job import model_config_from, prepare_data, run_pretrai
 from arlm.train.state import TrainState, create_train_state, state_specs
 from arlm.train.step import make_train_step
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = arlm.ModelConfig.llama(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                               max_seq_len=16)
 OPT_CFG = OptimConfig(learning_rate=1e-2, warmup_steps=2, total_steps=20)
 
 
 def tiny_job_config(workdir, **train):
-    """experiments/configs/pretrain.py shrunk to a few seconds on CPU (byte tokenizer)."""
-    path = REPO / "experiments" / "configs" / "pretrain.py"
-    spec = importlib.util.spec_from_file_location("_pretrain_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    c.workdir = str(workdir)
-    c.model.update(dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32))
-    c.data.update(dict(tokenizer="byte", seq_len=32, batch_size=8, eval_batches=2))
-    c.optim.update(dict(learning_rate=3e-3, warmup_steps=3))
-    c.train.update(dict(progress=False, log_every=1, eval_every=6, checkpoint_every=6, keep_checkpoints=3))
-    c.train.update(train)
-    c.sample.update(dict(prompts=["In the beginning"], max_new_tokens=4))
-    return c
+    """The main job shrunk to a few seconds on CPU (byte tokenizer)."""
+    return _tiny_job.tiny_job_config(
+        workdir, optim=dict(learning_rate=3e-3, warmup_steps=3),
+        train=dict(log_every=1, eval_every=6, checkpoint_every=6, keep_checkpoints=3, **train),
+        sample=dict(prompts=["In the beginning"], max_new_tokens=4))
 
 
 def host(tree):

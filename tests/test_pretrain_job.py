@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import math
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -16,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
+import _tiny_job
 
 from arlm.data import pipeline
 from arlm.sharding import MeshConfig, batch_sharding, make_mesh
@@ -26,27 +26,18 @@ from arlm.train.pretrain_job import prepare_data, run_pretraining
 from arlm.train.state import create_train_state
 from arlm.train.step import make_train_step
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = _tiny_job.REPO
 SUMMARY_KEYS = ["val_loss_nats_per_token", "unigram_nats_per_token", "val_bits_per_byte",
                 "unigram_bits_per_byte", "train_tokens_per_second"]
 PROMPTS = ["In the beginning", "And God said"]
 
 
 def tiny_job_config(workdir, **train):
-    """experiments/configs/pretrain.py shrunk to seconds on CPU (byte tokenizer, 8 forced devices)."""
-    path = REPO / "experiments" / "configs" / "pretrain.py"
-    spec = importlib.util.spec_from_file_location("_pretrain_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    c.workdir = str(workdir)
-    c.model.update(dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32))
-    c.data.update(dict(tokenizer="byte", seq_len=32, batch_size=16, eval_batches=2))
-    c.optim.update(dict(learning_rate=3e-3, warmup_steps=10))
-    c.train.update(dict(progress=False, log_every=10, eval_every=50, checkpoint_every=100))
-    c.train.update(train)
-    c.sample.update(dict(prompts=PROMPTS, max_new_tokens=8))
-    return c
+    """The main job shrunk to seconds on CPU (byte tokenizer, 8 forced devices)."""
+    return _tiny_job.tiny_job_config(
+        workdir, data=dict(batch_size=16), optim=dict(learning_rate=3e-3, warmup_steps=10),
+        train=dict(log_every=10, eval_every=50, checkpoint_every=100, **train),
+        sample=dict(prompts=PROMPTS, max_new_tokens=8))
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ import json
 import os
 from typing import Any
 
-import numpy as np
 
 from arlm.checkpoints.layout import (CheckpointFormatError, Tensors, gpt2_params_from_hf, gpt2_params_to_hf,
                                      llama_params_from_hf, llama_params_to_hf)
