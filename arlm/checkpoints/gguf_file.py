@@ -49,23 +49,30 @@ def field(reader, key: str, default: Any = None) -> Any:
     return f.contents()
 
 
+def required_field(reader, key: str) -> Any:
+    value = field(reader, key)
+    if value is None:
+        raise CheckpointFormatError(f"GGUF file lacks required metadata key {key!r}")
+    return value
+
+
 def config_from_gguf(reader) -> ModelConfig:
     arch = field(reader, "general.architecture")
     if arch != "llama":
         raise CheckpointFormatError(f"unsupported GGUF architecture {arch!r}; arlm loads 'llama'")
     if field(reader, "llama.rope.scaling.type") not in (None, "none"):
         raise CheckpointFormatError(f"unsupported RoPE scaling {field(reader, 'llama.rope.scaling.type')!r}")
-    heads = int(field(reader, "llama.attention.head_count"))
-    d = int(field(reader, "llama.embedding_length"))
+    heads = int(required_field(reader, "llama.attention.head_count"))
+    d = int(required_field(reader, "llama.embedding_length"))
     vocab = field(reader, "llama.vocab_size")
     if vocab is None:
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+        vocab = len(required_field(reader, "tokenizer.ggml.tokens"))
     names = {t.name for t in reader.tensors}
     return ModelConfig.llama(
-        vocab_size=int(vocab), d_model=d, n_layers=int(field(reader, "llama.block_count")),
+        vocab_size=int(vocab), d_model=d, n_layers=int(required_field(reader, "llama.block_count")),
         n_heads=heads, n_kv_heads=int(field(reader, "llama.attention.head_count_kv", heads)),
-        d_ff=int(field(reader, "llama.feed_forward_length")),
-        max_seq_len=int(field(reader, "llama.context_length")),
+        d_ff=int(required_field(reader, "llama.feed_forward_length")),
+        max_seq_len=int(required_field(reader, "llama.context_length")),
         rope_theta=float(field(reader, "llama.rope.freq_base", 10000.0)),
         norm_eps=float(field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings="output.weight" not in names)

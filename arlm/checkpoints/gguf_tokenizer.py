@@ -30,12 +30,12 @@ def _byte_alphabet() -> dict[int, str]:
 
 
 def tokenizer_from_gguf(reader) -> BPETokenizer:
-    from arlm.checkpoints.gguf_file import field
+    from arlm.checkpoints.gguf_file import field, required_field
 
     kind = field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise CheckpointFormatError(f"unsupported GGUF tokenizer model {kind!r}; arlm builds byte-level BPE ('gpt2')")
-    tokens = list(field(reader, "tokenizer.ggml.tokens"))
+    tokens = list(required_field(reader, "tokenizer.ggml.tokens"))
     merges_raw = field(reader, "tokenizer.ggml.merges")
     if merges_raw is None:
         raise CheckpointFormatError("GGUF byte-level tokenizer has no tokenizer.ggml.merges")
@@ -59,7 +59,7 @@ def tokenizer_from_gguf(reader) -> BPETokenizer:
             for t, ty in zip(tokens, token_types) if ty == _USER_DEFINED and t in vocab]
     if user:
         tok.add_tokens(user)
-    eos = tokens[int(field(reader, "tokenizer.ggml.eos_token_id"))]
+    eos = tokens[int(required_field(reader, "tokenizer.ggml.eos_token_id"))]
     bos_id = field(reader, "tokenizer.ggml.bos_token_id")
     bos = tokens[int(bos_id)] if bos_id is not None else None
     return BPETokenizer.from_tokenizer(tok, eos_token=eos, bos_token=bos, parse_special_tokens=True)

@@ -22,6 +22,10 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """ModelConfig from a Hugging Face config.json dict (llama or gpt2)."""
     model_type = hf.get("model_type")
     archs = hf.get("architectures") or []
+    if archs and not set(archs) & set(SUPPORTED_ARCHITECTURES):
+        # e.g. LlamaForSequenceClassification: same body, but no LM head to load
+        raise CheckpointFormatError(
+            f"unsupported architecture {archs!r}; arlm loads {', '.join(SUPPORTED_ARCHITECTURES)}")
     if model_type == "llama":
         rope = hf.get("rope_parameters") or {}
         rope_type = rope.get("rope_type", "default")
@@ -55,7 +59,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         return ModelConfig.gpt2(
             vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=hf["n_head"],
             d_ff=hf.get("n_inner") or 4 * d, max_seq_len=hf["n_positions"],
-            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
+            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
     raise CheckpointFormatError(
         f"unsupported architecture {archs or model_type!r}; arlm loads {', '.join(SUPPORTED_ARCHITECTURES)}")
 
@@ -75,13 +80,13 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             "mlp_bias": cfg.use_bias, "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32",
         }
     if (cfg.pos_embedding == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu" and cfg.use_bias
-            and cfg.tie_embeddings and cfg.n_kv_heads == cfg.n_heads):
+            and cfg.n_kv_heads == cfg.n_heads):
         return {
             "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "vocab_size": cfg.vocab_size, "n_embd": cfg.d_model, "n_layer": cfg.n_layers,
             "n_head": cfg.n_heads, "n_inner": cfg.d_ff, "n_positions": cfg.max_seq_len,
             "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
-            "tie_word_embeddings": True, "torch_dtype": "float32",
+            "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32",
         }
     raise ValueError("this ModelConfig mixes the Llama and GPT-2 families; Hugging Face has no class for it")
 
@@ -104,6 +109,8 @@ def read_safetensors(directory: str) -> Tensors:
     tensors: Tensors = {}
     for name in files:
         path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            raise CheckpointFormatError(f"{index} lists {name}, which is missing from {directory}")
         try:
             tensors.update(load_file(path))
         except (SafetensorError, OSError, ValueError) as err:

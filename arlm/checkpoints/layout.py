@@ -140,7 +140,7 @@ def gpt2_params_from_hf(cfg: ModelConfig, t: Tensors) -> dict[str, Any]:
         return {"scale": _stack(cfg.n_layers, lambda i: g(i, f"{name}.weight", (d,))),
                 "bias": _stack(cfg.n_layers, lambda i: g(i, f"{name}.bias", (d,)))}
 
-    return {
+    params: dict[str, Any] = {
         "embed": _check_shape("wte", _get(t, f"{prefix}wte.weight"), (v, d)),
         "pos_embed": _check_shape("wpe", _get(t, f"{prefix}wpe.weight"), (cfg.max_seq_len, d)),
         "layers": {
@@ -156,6 +156,9 @@ def gpt2_params_from_hf(cfg: ModelConfig, t: Tensors) -> dict[str, Any]:
         },
         "final_norm": {"scale": _get(t, f"{prefix}ln_f.weight"), "bias": _get(t, f"{prefix}ln_f.bias")},
     }
+    if not cfg.tie_embeddings:
+        params["unembed"] = _check_shape("lm_head", _get(t, "lm_head.weight"), (v, d)).T
+    return params
 
 
 def gpt2_params_to_hf(cfg: ModelConfig, params: dict[str, Any]) -> Tensors:
@@ -179,6 +182,8 @@ def gpt2_params_to_hf(cfg: ModelConfig, params: dict[str, Any]) -> Tensors:
         out[pre + "mlp.c_fc.bias"] = M["w_in_bias"][i]
         out[pre + "mlp.c_proj.weight"] = M["w_out"][i]
         out[pre + "mlp.c_proj.bias"] = M["w_out_bias"][i]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = p["unembed"].T
     return {name: np.ascontiguousarray(x, np.float32) for name, x in out.items()}
 
 
