@@ -39,9 +39,25 @@ def load_hf_model(gguf_path: str):
     """transformers' model for a GGUF file: the same de-quantised weights, float32, eval mode, CPU."""
     torch, transformers = import_oracle()
     transformers.logging.set_verbosity_error()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
-        dtype=torch.float32)  # transformers 5 name of the old `torch_dtype`
+    transformers.logging.disable_progress_bar()
+    # Quiet the GGUF converter's own tqdm bar (it ignores transformers' progress-bar switch).
+    import functools
+    import importlib
+
+    try:
+        gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
+            dtype=torch.float32)  # transformers 5 name of the old `torch_dtype`
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
     model.eval()
     return model
 
