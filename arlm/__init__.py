@@ -7,3 +7,6 @@ __all__ = ["ModelConfig", "ModelOutput", "apply_model", "count_params", "embed_t
 from arlm.checkpoints import LoadedModel, load, save_hf
 
 __all__ += ["LoadedModel", "load", "save_hf"]
+from arlm.inference import GenerateOutput, Sampler, generate
+
+__all__ += ["GenerateOutput", "Sampler", "generate"]

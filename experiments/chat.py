@@ -16,7 +16,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 import arlm  # noqa: E402
-from arlm.inference.simple import sample_tokens  # noqa: E402
 
 
 class StreamPrinter:
@@ -38,6 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top_p", type=float, default=None)
     ap.add_argument("--max_new_tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--system", default=None, help="optional system message")
@@ -58,8 +58,10 @@ def main() -> None:
         printer = StreamPrinter(model.tokenizer)
         print("assistant> ", end="", flush=True)
         key, sub = jax.random.split(key)
-        sample_tokens(model.config, model.params, prompt, args.max_new_tokens, sub,
-                      temperature=args.temperature, eos_id=model.tokenizer.eos_id, on_token=printer)
+        arlm.generate(model.config, model.params, [prompt], key=sub, max_new_tokens=args.max_new_tokens,
+                      sampler=arlm.Sampler(temperature=args.temperature, top_p=args.top_p),
+                      eos_id=model.tokenizer.eos_id,
+                      on_token=lambda step, tokens_B, live_B: live_B[0] and printer(int(tokens_B[0])))
         print()
         reply = model.tokenizer.decode([i for i in printer.ids if i != model.tokenizer.eos_id])
         messages.append({"role": "assistant", "content": reply})

@@ -26,6 +26,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import _hf_oracle  # noqa: E402
+
 import arlm  # noqa: E402
 from arlm.checkpoints import CheckpointFormatError, NAMED_MODELS  # noqa: E402
 from arlm.checkpoints import gguf_file  # noqa: E402
@@ -92,7 +94,7 @@ def test_garbage_safetensors(tmp_path, garbage):
 
 
 def test_pickle_only_directory_is_refused_without_unpickling(tmp_path, monkeypatch):
-    torch = pytest.importorskip("torch")
+    torch, _ = _hf_oracle.import_oracle()
     d = _tiny_llama_dir(tmp_path)
     from safetensors.numpy import load_file
 
@@ -348,8 +350,7 @@ def _write_tiny_llama_gguf(path, tied: bool) -> dict[str, np.ndarray]:
 
 
 def _hf_llama(weights: dict[str, np.ndarray], vocab: int, tied: bool):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch, transformers = _hf_oracle.import_oracle()
     config = transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=D, intermediate_size=F, num_hidden_layers=L, num_attention_heads=H,
         num_key_value_heads=KV, max_position_embeddings=CTX, rope_theta=THETA, rms_norm_eps=EPS,

@@ -29,8 +29,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import _hf_oracle  # noqa: E402
+
+torch, transformers = _hf_oracle.import_oracle()
 
 import arlm  # noqa: E402
 from arlm import ModelConfig  # noqa: E402

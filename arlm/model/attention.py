@@ -79,7 +79,14 @@ class Attention(nn.Module):
         return y
 
     @nn.compact
-    def __call__(self, h_BxTxD: Array, positions_BxT: Array, mask_BxTxS: Array) -> tuple[Array, Array]:
+    def __call__(self, h_BxTxD: Array, positions_BxT: Array, mask_BxTxS: Array,
+                 kv_cache: tuple[Array, Array] | None = None, cache_index: Array | None = None):
+        """Attend the T new tokens to themselves, or (with `kv_cache`) to every cached slot.
+
+        kv_cache: (k_BxSxNxK, v_BxSxNxK) of this layer; the new keys/values are written at
+        slots cache_index … cache_index+T-1 (eq. 17: S_{t+1} = S_t ∪ {(k_{t+1}, v_{t+1})}),
+        and mask_BxTxS then ranges over all S slots. Returns (out, probs, new_kv_cache).
+        """
         cfg = self.config
         x = h_BxTxD.astype(cfg.compute_dtype)
         q = self._proj("wq", x, cfg.n_heads, cfg.init_std)      # q_t = M h_t
@@ -88,6 +95,12 @@ class Attention(nn.Module):
         if cfg.pos_embedding == "rope":
             cos, sin = rope_angles(positions_BxT, cfg.head_dim, cfg.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k_cache, v_cache = kv_cache
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+            kv_cache = (k, v)
         probs_BxHxTxS = causal_softmax(bilinear_scores(q, k), mask_BxTxS)
         z_BxTxHxK = aggregate(probs_BxHxTxS, v)
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
@@ -96,4 +109,4 @@ class Attention(nn.Module):
         if cfg.use_bias:
             wo_bias = self.param("wo_bias", nn.initializers.zeros, (cfg.d_model,))
             out = out + trailing(wo_bias.astype(cfg.compute_dtype), out.ndim)
-        return out, probs_BxHxTxS
+        return out, probs_BxHxTxS, kv_cache

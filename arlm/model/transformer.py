@@ -35,10 +35,11 @@ class Block(nn.Module):
     return_attention: bool = False
 
     @nn.compact
-    def __call__(self, carry: tuple[Array, Array], positions_BxT: Array, mask_BxTxS: Array):
+    def __call__(self, carry: tuple[Array, Array], positions_BxT: Array, mask_BxTxS: Array,
+                 cache_index: Array | None, kv_cache: tuple[Array, Array] | None):
         h_BxTxD, aux = carry
-        attn_out, probs_BxHxTxS = Attention(self.config, name="attn")(
-            Norm(self.config, name="attn_norm")(h_BxTxD), positions_BxT, mask_BxTxS)
+        attn_out, probs_BxHxTxS, kv_cache = Attention(self.config, name="attn")(
+            Norm(self.config, name="attn_norm")(h_BxTxD), positions_BxT, mask_BxTxS, kv_cache, cache_index)
         h_BxTxD = h_BxTxD + attn_out.astype(jnp.float32)
         x = Norm(self.config, name="mlp_norm")(h_BxTxD)
         if self.config.n_experts:
@@ -47,13 +48,14 @@ class Block(nn.Module):
         else:
             ffn_out = Mlp(self.config, name="mlp")(x)
         h_BxTxD = h_BxTxD + ffn_out.astype(jnp.float32)
-        per_layer = (h_BxTxD, probs_BxHxTxS if self.return_attention else None)
+        per_layer = (h_BxTxD, probs_BxHxTxS if self.return_attention else None, kv_cache)
         return (h_BxTxD, aux), per_layer
 
 
 class Transformer(nn.Module):
     config: ModelConfig
     return_attention: bool = False
+    last_logits_only: bool = False     # prefill: unembed only the last position ([B, 1, V])
 
     def setup(self) -> None:
         cfg = self.config
@@ -64,7 +66,7 @@ class Transformer(nn.Module):
             self.unembed = self.param("unembed", normal_init(cfg.init_std), (cfg.d_model, cfg.vocab_size))
         scanned = nn.scan(
             Block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers)
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.n_layers)
         self.layers = scanned(cfg, self.return_attention)
         self.final_norm = Norm(cfg)
 
@@ -72,18 +74,22 @@ class Transformer(nn.Module):
         """E[x_t] (eq. 1 without positions), float32."""
         return jnp.take(self.embed, tokens_BxT, axis=0)
 
-    def __call__(self, embeddings_BxTxD: Array, positions_BxT: Array, mask_BxTxS: Array):
+    def __call__(self, embeddings_BxTxD: Array, positions_BxT: Array, mask_BxTxS: Array,
+                 kv_cache: tuple[Array, Array] | None = None, cache_index: Array | None = None):
+        """kv_cache: stacked per-layer (k, v), each [L, B, S, N, K]; see `Attention`."""
         cfg = self.config
         h0 = embeddings_BxTxD.astype(jnp.float32)
         if cfg.pos_embedding == "learned":
             h0 = h0 + jnp.take(self.pos_embed, positions_BxT, axis=0)       # eq. 1: E[x_t] + p_t
-        (h_L, aux), (hidden_LxBxTxD, probs_LxBxHxTxS) = self.layers((h0, jnp.zeros((), jnp.float32)),
-                                                                    positions_BxT, mask_BxTxS)
-        x = self.final_norm(h_L)
+        (h_L, aux), (hidden_LxBxTxD, probs_LxBxHxTxS, new_cache) = self.layers(
+            (h0, jnp.zeros((), jnp.float32)), positions_BxT, mask_BxTxS, cache_index, kv_cache)
+        x = self.final_norm(h_L[:, -1:] if self.last_logits_only else h_L)
         w_unembed = self.embed.T if cfg.tie_embeddings else self.unembed
         logits_BxTxV = jnp.einsum("btd,dv->btv", x, w_unembed.astype(cfg.compute_dtype),
                                   preferred_element_type=jnp.float32)   # eq. 6: W_U h_t^(L)
         hidden = jnp.concatenate([h0[None], hidden_LxBxTxD], axis=0)
+        if kv_cache is not None:
+            return logits_BxTxV, new_cache
         return logits_BxTxV, hidden, probs_LxBxHxTxS, aux
 
 

@@ -22,7 +22,7 @@ from arlm.config import ModelConfig
 from arlm.data import pipeline
 from arlm.data.corpus import load_corpus
 from arlm.data.tokenizers import Tokenizer, get_tokenizer
-from arlm.inference.simple import sample_tokens
+from arlm.inference import Sampler, generate
 from arlm.model import count_params, init_params
 from arlm.objectives import make_lm_loss, pretrain_loss
 from arlm.sharding import MeshConfig, batch_sharding, make_mesh
@@ -137,13 +137,10 @@ def run_pretraining(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def write_samples(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer) -> list[str]:
     s = config.sample
-    key = jax.random.PRNGKey(config.seed)
-    texts = []
-    for i, prompt in enumerate(s.prompts):
-        ids = tokenizer.encode(prompt)
-        new = sample_tokens(model_cfg, params, ids, s.max_new_tokens, jax.random.fold_in(key, i),
-                            temperature=s.temperature)
-        texts.append(prompt + tokenizer.decode(new))
+    out = generate(model_cfg, params, [tokenizer.encode(p) for p in s.prompts], key=jax.random.PRNGKey(config.seed),
+                   max_new_tokens=s.max_new_tokens, sampler=Sampler(temperature=s.temperature))
+    tokens = np.asarray(out.tokens_BxN)
+    texts = [prompt + tokenizer.decode(tokens[i].tolist()) for i, prompt in enumerate(s.prompts)]
     with open(os.path.join(config.workdir, "samples.txt"), "w", encoding="utf-8") as f:
         for text in texts:
             f.write(text + "\n\n" + "-" * 72 + "\n\n")

@@ -1,0 +1,173 @@
+"""`arlm.generate`: prefill, then a jit-compiled `lax.while_loop` of decode steps over the KV cache.
+
+Eqs. 16–18: each step samples x_{t+1} ~ softmax(z_t/τ) (with optional top-k,
+top-p, min-p truncation), appends its key/value to the cache (eq. 17), and
+stops per row at EOS/stop tokens. Prompts longer than the window (eq. 18) lose
+their head under the explicit "truncate" policy, with a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arlm.config import ModelConfig
+from arlm.inference.cache import forward_with_cache, init_cache
+from arlm.inference.sampling import GREEDY, Sampler
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+    """tokens_BxN: generated ids (pad_id after a row stopped); lengths_B: tokens generated per row,
+    the stop token included; log_probs_BxN: log π_θ(y_t | x, y_<t) of the chosen tokens under the
+    model (τ = 1, no truncation; 0 after stop), the quantity alignment objectives recompute;
+    sample_log_probs_BxN: the same under the distribution actually sampled from (τ, truncation);
+    prompt_lengths_B: prompt tokens used after any truncation (eq. 18)."""
+
+    tokens_BxN: Array
+    lengths_B: Array
+    log_probs_BxN: Array
+    sample_log_probs_BxN: Array
+    prompt_lengths_B: Array
+
+
+jax.tree_util.register_dataclass(
+    GenerateOutput, data_fields=["tokens_BxN", "lengths_B", "log_probs_BxN", "sample_log_probs_BxN",
+                                 "prompt_lengths_B"], meta_fields=[])
+
+
+def pad_prompts(config: ModelConfig, prompts: Sequence[Sequence[int]] | np.ndarray, max_new_tokens: int,
+                *, pad_id: int = 0, overflow: str = "truncate", bucket: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad ragged prompts to one length P (rounded up to `bucket`), applying the overflow policy.
+
+    Returns (prompt_BxP int32, start_B int32: index of each row's first real token).
+    """
+    rows = [list(map(int, p)) for p in prompts]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt must hold at least one token")
+    for r in rows:
+        lo, hi = min(r), max(r)
+        if lo < 0 or hi >= config.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {config.vocab_size}); got {lo}..{hi}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    room = config.max_seq_len - max_new_tokens
+    if room < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context "
+                         f"window Δ = {config.max_seq_len}")
+    longest = max(len(r) for r in rows)
+    if longest > room:
+        if overflow != "truncate":
+            raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context "
+                             f"window Δ = {config.max_seq_len} (overflow='error')")
+        warnings.warn(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context window "
+                      f"Δ = {config.max_seq_len}: keeping the last {room} prompt tokens; earlier ones lose all "
+                      "influence (eq. 18)", stacklevel=3)
+        rows = [r[-room:] for r in rows]
+        longest = room
+    width = min(-(-longest // bucket) * bucket, room)
+    out = np.full((len(rows), width), pad_id, np.int32)
+    start = np.zeros(len(rows), np.int32)
+    for i, r in enumerate(rows):
+        out[i, width - len(r):] = r
+        start[i] = width - len(r)
+    return out, start
+
+
+@partial(jax.jit, static_argnames=("config", "sampler", "max_new_tokens", "pad_id", "stream"))
+def _generate(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Array, key: Array,
+              stop_ids: Array, *, sampler: Sampler, max_new_tokens: int, pad_id: int, stream: bool):
+    b, p = prompt_BxP.shape
+    n = max_new_tokens
+    cache = init_cache(config, b, p + n, start_B)
+    # pad_id only marks padding in inputs/outputs; the model is fed token 0 there (never attended to),
+    # so a pad_id outside [0, V) cannot put NaN embeddings into the cache.
+    is_pad_BxP = jnp.arange(p, dtype=jnp.int32)[None, :] < start_B[:, None]
+    logits, cache = forward_with_cache(config, params, cache, jnp.where(is_pad_BxP, 0, prompt_BxP),
+                                       last_logits_only=True)
+
+    def cond(state):
+        i, _, _, _, _, done, *_ = state
+        return (i < n) & ~jnp.all(done)
+
+    def body(state):
+        i, cache, logits_BxV, key, tokens, done, logp, slogp, lengths = state
+        key, sub = jax.random.split(key)
+        tok = sampler(logits_BxV, sub)
+        tok = jnp.where(done, pad_id, tok)
+        take = lambda lp: jnp.take_along_axis(lp, tok[:, None], -1)[:, 0]  # noqa: E731
+        live = ~done
+        logp = logp.at[:, i].set(jnp.where(live, take(jax.nn.log_softmax(logits_BxV, -1)), 0.0))
+        slogp = slogp.at[:, i].set(jnp.where(live, take(sampler.log_probs(logits_BxV)), 0.0))
+        tokens = tokens.at[:, i].set(tok)
+        lengths = lengths + live.astype(jnp.int32)
+        if stream:
+            jax.debug.callback(_stream_callback, i, tok, live, ordered=True)
+        done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        logits, cache = forward_with_cache(config, params, cache, jnp.where(live, tok, 0)[:, None])
+        return i + 1, cache, logits[:, 0], key, tokens, done, logp, slogp, lengths
+
+    state = (jnp.zeros((), jnp.int32), cache, logits[:, 0], key, jnp.full((b, n), pad_id, jnp.int32),
+             jnp.zeros((b,), bool), jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), jnp.float32),
+             jnp.zeros((b,), jnp.int32))
+    _, _, _, _, tokens, _, logp, slogp, lengths = jax.lax.while_loop(cond, body, state)
+    return tokens, lengths, logp, slogp
+
+
+_STREAM: list[Callable[[int, np.ndarray, np.ndarray], None]] = []
+
+
+def _stream_callback(i, tok, live) -> None:
+    if _STREAM:
+        _STREAM[-1](int(i), np.asarray(tok), np.asarray(live))
+
+
+def generate(
+    config: ModelConfig,
+    params: Any,
+    prompts: Sequence[Sequence[int]] | np.ndarray,
+    *,
+    key: Array,
+    max_new_tokens: int = 64,
+    sampler: Sampler = GREEDY,
+    eos_id: int | None = None,
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    overflow: str = "truncate",
+    on_token: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+) -> GenerateOutput:
+    """Generate continuations for a batch of (ragged) prompts with a KV cache.
+
+    Args:
+      prompts: token-id lists of any lengths (or an int array [B, P]).
+      key: PRNG key; the same key gives the same samples.
+      sampler: `Sampler(temperature, top_k, top_p, min_p)`; the default is greedy.
+      eos_id, stop_ids: a row stops after emitting any of these (the stop token is kept).
+      overflow: "truncate" (drop the prompt's head to fit Δ, with a warning) or "error".
+      on_token: streaming callback `on_token(step, tokens_B, live_B)` called after every decode
+        step from inside the compiled loop (`live_B` marks rows still generating).
+    """
+    if overflow not in ("truncate", "error"):
+        raise ValueError(f"overflow must be 'truncate' or 'error', got {overflow!r}")
+    prompt_BxP, start_B = pad_prompts(config, prompts, max_new_tokens, pad_id=pad_id, overflow=overflow)
+    stops = sorted({*map(int, stop_ids), *([] if eos_id is None else [int(eos_id)])}) or [-1]
+    if on_token is not None:
+        _STREAM.append(on_token)
+    try:
+        tokens, lengths, logp, slogp = _generate(
+            config, params, jnp.asarray(prompt_BxP), jnp.asarray(start_B), key, jnp.asarray(stops, jnp.int32),
+            sampler=sampler, max_new_tokens=max_new_tokens, pad_id=pad_id, stream=on_token is not None)
+        if on_token is not None:
+            jax.effects_barrier()
+    finally:
+        if on_token is not None:
+            _STREAM.pop()
+    return GenerateOutput(tokens, lengths, logp, slogp, jnp.asarray(prompt_BxP.shape[1] - start_B))
