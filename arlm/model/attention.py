@@ -97,7 +97,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
-            start = (0, cache_index, 0, 0)
+            zero = jnp.zeros((), jnp.asarray(cache_index).dtype)
+            start = (zero, cache_index, zero, zero)
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
             kv_cache = (k, v)
