@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _params import random_params
 from jax.flatten_util import ravel_pytree
 
 import arlm
@@ -54,20 +55,6 @@ MODELS = {
 STENCIL = ((1, 45 / 60), (2, -9 / 60), (3, 1 / 60))
 FD_STEP = 3e-2
 
-
-def random_params(config: ModelConfig, seed: int, std: float) -> dict:
-    """init_params' structure with every leaf re-drawn: norm scales ≈ 1, biases ~ N(0, 0.2²), weights ~ N(0, std²),
-    so that next-token distributions are far from uniform (and biases get non-trivial gradients)."""
-    shapes = jax.eval_shape(functools.partial(arlm.init_params, config), jax.random.PRNGKey(seed))
-    rng = np.random.default_rng(seed + 1000)
-
-    def redraw(path, x):
-        name = path[-1].key
-        noise = rng.standard_normal(x.shape)
-        value = 1.0 + 0.2 * noise if name == "scale" else (0.2 if name.endswith("bias") else std) * noise
-        return jnp.asarray(value, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(redraw, shapes)
 
 
 @functools.lru_cache(maxsize=None)

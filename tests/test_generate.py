@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _params import random_params
 
 import arlm
 from arlm import ModelConfig, Sampler
@@ -43,24 +44,11 @@ FAMILIES = {
 NAMES = list(FAMILIES)
 
 
-def random_params(config: ModelConfig, seed: int = 0, std: float = PARAM_STD) -> dict:
-    """init_params' structure with every leaf re-drawn: norm scales ≈ 1, biases ≈ 0, weights ~ N(0, std²)."""
-    shapes = jax.eval_shape(functools.partial(arlm.init_params, config), jax.random.PRNGKey(seed))
-    rng = np.random.default_rng(seed + 1000)
-
-    def redraw(path, x):
-        name = path[-1].key
-        noise = rng.standard_normal(x.shape)
-        value = 1.0 + 0.2 * noise if name == "scale" else (0.2 if name.endswith("bias") else std) * noise
-        return jnp.asarray(value, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(redraw, shapes)
-
 
 @functools.lru_cache(maxsize=None)
 def model(name: str):
     config = FAMILIES[name]
-    return config, random_params(config, seed=NAMES.index(name))
+    return config, random_params(config, seed=NAMES.index(name), std=PARAM_STD)
 
 
 _forward = jax.jit(arlm.forward, static_argnums=0)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _params import random_params
 
 import arlm
 from arlm import ModelConfig
@@ -60,24 +61,6 @@ def _map_with_names(fn, tree, path=()):
         return {k: _map_with_names(fn, v, path + (k,)) for k, v in tree.items()}
     return fn(path, tree)
 
-
-def random_params(config: ModelConfig, seed: int = 0) -> dict:
-    """init_params' structure, with every leaf re-drawn (float32): scales ≈ 1, biases ≈ 0, weights ~ N(0, 0.2²)."""
-    params = jax.eval_shape(functools.partial(arlm.init_params, config), jax.random.PRNGKey(seed))   # shapes only
-    rng = np.random.default_rng(seed + 1000)
-
-    def redraw(path, x):
-        name = path[-1]
-        noise = rng.standard_normal(x.shape)
-        if name == "scale":
-            value = 1.0 + 0.2 * noise
-        elif name.endswith("bias"):
-            value = 0.2 * noise
-        else:
-            value = PARAM_STD * noise
-        return jnp.asarray(value, jnp.float32)
-
-    return _map_with_names(redraw, params)
 
 
 def random_tokens(seed: int, batch: int = 2, length: int = T) -> jax.Array:
@@ -271,7 +254,7 @@ def mean_xent(logits_BxTxV, targets_BxT):
 
 @functools.lru_cache(maxsize=None)
 def _cached_params(name: str, seed: int = 0):
-    return random_params(FAMILIES[name], seed)
+    return random_params(FAMILIES[name], seed, std=PARAM_STD)
 
 
 @functools.lru_cache(maxsize=None)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _params import random_params
 from scipy import stats
 
 import arlm
@@ -176,14 +177,7 @@ P_MIN = 1e-3                              # chi-square: reject (fail) when the p
 def tiny_params():
     """init_params' structure re-drawn at std 0.3: conditionals that are far from uniform and depend
     on the prefix (the per-step distributions differ by up to ~0.6 in probability)."""
-    shapes = jax.eval_shape(functools.partial(arlm.init_params, TINY), jax.random.PRNGKey(0))
-    rng = np.random.default_rng(1000)
-
-    def redraw(path, x):
-        noise = rng.standard_normal(x.shape)
-        return jnp.asarray(1.0 + 0.2 * noise if path[-1].key == "scale" else 0.3 * noise, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(redraw, shapes)
+    return random_params(TINY, seed=0, std=0.3)
 
 
 def exact_sequence_probs(sampler: Sampler) -> np.ndarray:
