@@ -1,4 +1,4 @@
-"""A cache-free sampling loop (eq. 16), for text samples before `arlm.generate` lands.
+"""A cache-free sampling loop (eq. 16): the reference that `arlm.generate` is tested against.
 
 Each new token re-runs the whole window, O(L d t²) per token: the baseline
 that the KV cache of eq. 17 removes. Tokens before the last Δ are dropped (eq. 18).
