@@ -20,6 +20,7 @@ import numpy as np
 from arlm.config import ModelConfig
 from arlm.inference.cache import forward_with_cache, init_cache
 from arlm.inference.sampling import GREEDY, Sampler
+from arlm.model.transformer import check_token_ids
 
 Array = jax.Array
 
@@ -53,10 +54,7 @@ def pad_prompts(config: ModelConfig, prompts: Sequence[Sequence[int]] | np.ndarr
     rows = [list(map(int, p)) for p in prompts]
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("every prompt must hold at least one token")
-    for r in rows:
-        lo, hi = min(r), max(r)
-        if lo < 0 or hi >= config.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {config.vocab_size}); got {lo}..{hi}")
+    check_token_ids(config, np.asarray([t for r in rows for t in r], np.int64))
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
     room = config.max_seq_len - max_new_tokens

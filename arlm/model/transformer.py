@@ -129,7 +129,7 @@ def _embed_and_run(module: Transformer, tokens_BxT: Array):
 
 def embed_tokens(config: ModelConfig, params: Params, tokens_BxT: Array) -> Array:
     """E[x_t], float32 [B, T, D]: the input to `forward(..., embeddings=...)`."""
-    _check_tokens(config, tokens_BxT)
+    check_token_ids(config, tokens_BxT)
     return jnp.take(params["embed"], tokens_BxT, axis=0)
 
 
@@ -193,7 +193,8 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _check_tokens(config: ModelConfig, tokens: Array) -> None:
+def check_token_ids(config: ModelConfig, tokens: Array) -> None:
+    """Integer ids in [0, vocab_size), else a TypeError/ValueError naming the offending range."""
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
     if _is_concrete(tokens) and tokens.size:
