@@ -79,7 +79,7 @@ class Checkpointer:
                 f"checkpoint step {step} in {self.directory} is corrupt or incomplete "
                 f"({type(err).__name__}: {err})") from err
         state = restored["state"]
-        _check_finite_structure(target, state, step, self.directory)
+        _check_structure(target, state, step, self.directory)
         data = dict(restored["data"] or {})
         expected = data.pop(_CHECKSUM_KEY, None)
         if expected is not None:         # checkpoints written before checksums have none
@@ -99,7 +99,7 @@ class Checkpointer:
         self._manager.close()
 
 
-def _check_finite_structure(target: Any, restored: Any, step: int, directory: str) -> None:
+def _check_structure(target: Any, restored: Any, step: int, directory: str) -> None:
     t_shapes = jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), target)
     r_shapes = jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), restored)
     if t_shapes != r_shapes:
