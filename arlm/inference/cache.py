@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from arlm.config import ModelConfig
-from arlm.model.transformer import Transformer
+from arlm.model.transformer import Transformer, embed_tokens
 
 Array = jax.Array
 
@@ -58,7 +58,7 @@ def forward_with_cache(config: ModelConfig, params: Any, cache: KVCache, tokens_
     the logits are [B, 1, V] for the last new token only (a prefill needs no more).
     """
     if embeddings_BxTxD is None:
-        embeddings_BxTxD = jnp.take(params["embed"], tokens_BxT, axis=0)
+        embeddings_BxTxD = embed_tokens(config, params, tokens_BxT)
     b, t = embeddings_BxTxD.shape[:2]
     slots_T = cache.index + jnp.arange(t, dtype=jnp.int32)
     positions_BxT = jnp.maximum(slots_T[None, :] - cache.start_B[:, None], 0)

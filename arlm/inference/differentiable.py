@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from arlm.config import ModelConfig
 from arlm.inference.cache import forward_with_cache, init_cache
-from arlm.model import apply_model
+from arlm.model import apply_model, embed_tokens
 from arlm.objectives.lm import token_log_probs
 
 Array = jax.Array
@@ -83,6 +83,6 @@ def rollout_hidden_states(config: ModelConfig, params: Any, prompt_embeddings_Bx
                           completion_BxN: Array) -> Array:
     """Hidden states h^(0..L) [L+1, B, P+N, D] of a prompt (given as input embeddings) followed by
     a fixed continuation, e.g. one sampled by `arlm.generate`; differentiate w.r.t. the prompt."""
-    completion_emb = jnp.take(params["embed"], completion_BxN, axis=0)
+    completion_emb = embed_tokens(config, params, completion_BxN)
     emb = jnp.concatenate([prompt_embeddings_BxPxD, completion_emb.astype(prompt_embeddings_BxPxD.dtype)], 1)
     return apply_model(config, params, embeddings=emb, return_hidden=True).hidden_states
