@@ -56,3 +56,27 @@ def create_train_state(
     sharding = named(mesh, state_specs(abstract, optimizer, mesh, mesh_cfg))
     state = jax.jit(init, out_shardings=sharding)(key)
     return state, sharding
+
+
+def state_from_params(
+    params: Any,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    mesh_cfg: MeshConfig,
+    seed: int,
+) -> tuple[TrainState, TrainState]:
+    """A TrainState around existing params (a loaded or fine-tuned model), placed by the mesh rules.
+
+    The params are transferred once into their shardings (never baked into a compiled program);
+    the optimizer state is created on device. Returns (state, state_sharding).
+    """
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32),
+                          params=jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
+                          opt_state=jax.eval_shape(optimizer.init, params),
+                          rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    sharding = named(mesh, state_specs(abstract, optimizer, mesh, mesh_cfg))
+    params = jax.device_put(params, sharding.params)
+    opt_state = jax.jit(optimizer.init, out_shardings=sharding.opt_state)(params)
+    rng = jax.device_put(jax.random.PRNGKey(seed), sharding.rng)
+    step = jax.device_put(jnp.zeros((), jnp.int32), sharding.step)
+    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng), sharding

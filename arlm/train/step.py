@@ -4,6 +4,11 @@ Every objective in arlm (eqs. 7–15) trains through `make_train_step`: it
 differentiates the loss, accumulates gradients over micro-batches, applies the
 optax update, and is compiled once with the mesh's in/out shardings and the
 state donated.
+
+Objectives that read weights they do not train (the reference policy π_ref of
+eq. 9, the base weights under LoRA, eq. 24) take them as a third argument,
+`loss_fn(params, batch, frozen)`: they enter the compiled step as arguments with
+their own sharding, never as constants baked into the program.
 """
 
 from __future__ import annotations
@@ -71,14 +76,18 @@ def make_train_step(
     *,
     grad_accum: int = 1,
     lr_schedule: optax.Schedule | None = None,
-) -> Callable[[TrainState, dict[str, Array]], tuple[TrainState, dict[str, Array]]]:
+    frozen_sharding: Any = None,
+) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
     """`step(state, batch) -> (state, metrics)`, jit-compiled with donated state.
 
+    With `frozen_sharding` (shardings of a pytree of untrained weights), the step is
+    `step(state, batch, frozen)` and the loss is `loss_fn(params, batch, frozen)`.
     metrics holds "loss", "grad_norm", "lr" (if a schedule is given) and the
     loss function's own metrics, all replicated scalars.
     """
-    def step(state: TrainState, batch: dict[str, Array]) -> tuple[TrainState, dict[str, Array]]:
-        loss, grads, metrics = accumulate_gradients(loss_fn, state.params, batch, grad_accum)
+    def step(state: TrainState, batch: dict[str, Array], frozen: Any = None) -> tuple[TrainState, dict[str, Array]]:
+        fn = loss_fn if frozen_sharding is None else (lambda p, b: loss_fn(p, b, frozen))
+        loss, grads, metrics = accumulate_gradients(fn, state.params, batch, grad_accum)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rng, _ = jax.random.split(state.rng)
@@ -89,5 +98,8 @@ def make_train_step(
         return new_state, metrics
 
     replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+    in_shardings = (state_sharding, batch_sharding)
+    if frozen_sharding is not None:
+        in_shardings += (frozen_sharding,)
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=(state_sharding, replicated),
+                   donate_argnums=(0,))

@@ -1,0 +1,89 @@
+"""One trainer for every instance of the KL-regularized objective (eq. 9).
+
+`Trainer(objective, ref_params, optimizer)` owns the train state (params = the policy's weights
+or a LoRA adapter, plus a value head for PPO), the frozen reference weights, and one
+jit-compiled step built by `arlm.train.step.make_train_step`. `update(batch)` computes the
+batch's shared pieces once (`objective.prepare`) and then takes `epochs` optimizer steps.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from arlm.alignment.rollout import Rollout, sample_rollout
+from arlm.inference import Sampler
+from arlm.objectives.kl import exact_token_kl
+from arlm.objectives.kl_regularized import KLObjective
+from arlm.objectives.sequences import policy_outputs
+from arlm.sharding import MeshConfig, batch_sharding, make_mesh, named, param_specs
+from arlm.train.state import state_from_params
+from arlm.train.step import make_train_step
+
+Array = jax.Array
+
+
+class Trainer:
+    """Train any `KLObjective`; see the module docstring."""
+
+    def __init__(self, objective: KLObjective, ref_params: Any, optimizer: optax.GradientTransformation, *,
+                 mesh: Mesh | None = None, mesh_cfg: MeshConfig = MeshConfig(), seed: int = 0) -> None:
+        self.objective = objective
+        self.config = objective.policy.config
+        self.mesh = make_mesh(mesh_cfg) if mesh is None else mesh
+        frozen = {"ref": ref_params}
+        frozen_sharding = named(self.mesh, param_specs(frozen, self.mesh, mesh_cfg))
+        self.frozen = jax.device_put(frozen, frozen_sharding)
+        params = objective.init_params(ref_params, jax.random.PRNGKey(seed))
+        self.state, sharding = state_from_params(params, optimizer, self.mesh, mesh_cfg, seed)
+        self.batch_sharding = batch_sharding(self.mesh)
+        self._step = make_train_step(objective.loss, optimizer, sharding, self.batch_sharding,
+                                     frozen_sharding=frozen_sharding)
+        self._prepare = jax.jit(objective.prepare, out_shardings=self.batch_sharding)
+        self._model_params = jax.jit(objective.policy.model_params)
+        self.key = jax.random.PRNGKey(seed + 1)
+
+    def next_key(self) -> Array:
+        self.key, sub = jax.random.split(self.key)
+        return sub
+
+    def policy_params(self) -> Any:
+        """π_θ's full model params (the adapter merged in under LoRA), for generation and evaluation."""
+        return self._model_params(self.state.params, self.frozen)
+
+    def reference_params(self) -> Any:
+        return self.frozen["ref"]
+
+    def rollout(self, prompts: Sequence[Sequence[int]], k: int, *, max_new_tokens: int,
+                sampler: Sampler = Sampler(temperature=1.0), eos_id: int | None = None, pad_id: int = 0) -> Rollout:
+        """K samples per prompt from the current policy (`arlm.generate`)."""
+        return sample_rollout(self.config, self.policy_params(), prompts, k, self.next_key(),
+                              max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id, pad_id=pad_id)
+
+    def prepare(self, batch: dict[str, np.ndarray]) -> dict[str, Array]:
+        batch = jax.device_put(dict(batch), self.batch_sharding)
+        return self._prepare(self.state.params, self.frozen, batch, self.next_key())
+
+    def update(self, batch: dict[str, np.ndarray], epochs: int = 1) -> dict[str, float]:
+        """Prepare once, then `epochs` steps on the batch; returns the last step's metrics (host floats)."""
+        prepared = self.prepare(batch)
+        for _ in range(epochs):
+            self.state, metrics = self._step(self.state, prepared, self.frozen)
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not np.isfinite(values["loss"]):
+            raise FloatingPointError(f"non-finite loss {values['loss']} at step {int(self.state.step)}")
+        return values
+
+
+@partial(jax.jit, static_argnums=0)
+def exact_kl_to(config, params: Any, ref_params: Any, batch: dict[str, Array]) -> Array:
+    """Mean over sequences of Σ_t KL(π_θ(·|x, y_<t) ‖ π_ref(·|x, y_<t)) along the given responses
+    (full vocabulary at each step): with responses sampled from π_θ, an estimate of KL(π_θ ‖ π_ref)."""
+    out = policy_outputs(config, params, batch, logits=True)
+    ref = policy_outputs(config, ref_params, batch, logits=True)
+    return (exact_token_kl(out.logits_BxTxV, ref.logits_BxTxV) * out.mask_BxT).sum(-1).mean()
