@@ -254,6 +254,9 @@ class DPO:
     variant: str = "sigmoid"
     label_smoothing: float = 0.0
 
+    def __post_init__(self) -> None:
+        dpo_loss(jnp.zeros((1,)), 1.0, self.variant, self.label_smoothing)    # validates both, eagerly
+
     def prepare(self, obj, params, frozen, batch, key):
         ref = obj.policy.reference_outputs(frozen, _pairs(batch))
         return dict(batch, ref_seq_logp=ref.sequence_logp().reshape(-1, 2))
@@ -293,17 +296,20 @@ class RSFT(SFT):
 
     group_size: int = 1
     filter: str = "best_of_k"
-    threshold: float = 0.0          # threshold filter: keep r ≥ threshold; best_of_k: only if r ≥ threshold
+    threshold: float | None = None  # threshold filter: keep r ≥ threshold (required); best_of_k: if set,
+                                    # keep the best sample only when its r ≥ threshold
     r_max: float = 1.0              # boltzmann filter: an upper bound of the reward
 
     def __post_init__(self) -> None:
         if self.filter not in rsft.FILTERS:
             raise ValueError(f"unknown RSFT filter {self.filter!r}; expected one of {rsft.FILTERS}")
+        if self.filter == "threshold" and self.threshold is None:
+            raise ValueError("RSFT(filter='threshold') needs a threshold")
 
     def prepare(self, obj, params, frozen, batch, key):
         r_GxK = _grouped(batch["rewards"], self.group_size)
         if self.filter == "best_of_k":
-            keep = rsft.best_of_k(r_GxK, self.threshold)
+            keep = rsft.best_of_k(r_GxK, -jnp.inf if self.threshold is None else self.threshold)
         elif self.filter == "threshold":
             keep = rsft.threshold(r_GxK, self.threshold)
         else:

@@ -1,0 +1,240 @@
+"""`run_alignment(config)`: the paper's check, "implement RLHF, DPO, RSFT and RLVR on a common task
+and compare reward trajectories, KL evolution and final policies" (eqs. 9–15).
+
+All methods start from the same model π_ref, which can already partly do the task (arithmetic
+with checkable answers): on CPU a tiny model SFT-ed here (eq. 8), or SmolLM2-135M-Instruct. Then
+
+  rlhf_ppo   a Bradley–Terry reward model (eq. 11) on preference pairs, then PPO against it (eq. 12)
+  dpo        DPO (eq. 13) on the same preference pairs
+  rsft       best-of-K samples of the current policy, kept if the verifier accepts, then eq. 8 (eq. 14)
+  rlvr_grpo  GRPO on the verifier's reward (eq. 15)
+  rlvr_rloo  RLOO on the verifier's reward
+  rlvr_ppo   PPO on the verifier's reward (not in the default list: it separates PPO from its reward model)
+
+Preference pairs are two samples of π_ref for one prompt, one accepted by the verifier and one
+rejected. Every `eval_every` iterations each policy is scored on held-out problems: verifier
+success of greedy and of sampled (τ = 1) answers, and KL(π_θ ‖ π_ref) (exact per-token KL along
+sampled answers). Outputs in `config.workdir`: metrics.jsonl, reward_vs_step.png, kl_vs_step.png,
+frontier.png, samples.txt, summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from arlm.alignment.rollout import pair_batch, preference_pairs, sample_rollout
+from arlm.alignment.task_io import TaskIO, char_task, chat_task
+from arlm.alignment.tasks import ArithmeticTask, Problem
+from arlm.alignment.trainer import Trainer, exact_kl_to
+from arlm.config import ModelConfig
+from arlm.inference import GREEDY, Sampler, generate
+from arlm.model import init_params
+from arlm.objectives.heads import init_reward_model, reward_model_scores
+from arlm.objectives.kl import KLRegularizer
+from arlm.objectives.kl_regularized import DPO, GRPO, PPO, RLOO, RSFT, SFT, KLObjective, Policy
+from arlm.objectives.preference import bradley_terry_loss
+from arlm.objectives.sequences import sequence_batch
+from arlm.sharding import MeshConfig, batch_sharding, make_mesh
+from arlm.train.lora import LoraConfig
+from arlm.train.metrics import MetricsWriter
+from arlm.train.state import state_from_params
+from arlm.train.step import make_train_step
+
+METHODS = ("rlhf_ppo", "dpo", "rsft", "rlvr_grpo", "rlvr_rloo", "rlvr_ppo")
+
+
+def _task_and_model(cfg: ml_collections.ConfigDict) -> tuple[TaskIO, ModelConfig, Any, dict]:
+    """The task binding, π_ref's config and params, and facts about how π_ref was obtained."""
+    task = ArithmeticTask(max_operand=cfg.task.max_operand, ops=tuple(cfg.task.ops), seed=cfg.seed)
+    if cfg.start.kind == "sft":
+        io = char_task(task, cfg.task.max_new_tokens)
+        model_cfg, params, info = _sft_start_model(cfg, io)
+        return io, model_cfg, params, info
+    import arlm
+    loaded = arlm.load(cfg.start.name)
+    return chat_task(task, loaded, cfg.task.max_new_tokens), loaded.config, loaded.params, {"model": cfg.start.name}
+
+
+def _sft_start_model(cfg: ml_collections.ConfigDict, io: TaskIO) -> tuple[ModelConfig, Any, dict]:
+    """A tiny model trained from scratch by SFT (eq. 8) for `cfg.start.steps` steps: partly able."""
+    from arlm.alignment.tasks import ArithmeticTokenizer
+    from arlm.train.pretrain_job import model_config_from
+    s = cfg.start
+    model_cfg = model_config_from(s.model, ArithmeticTokenizer().vocab_size)
+    objective = KLObjective(Policy(model_cfg), KLRegularizer(0.0), SFT())
+    trainer = Trainer(objective, init_params(model_cfg, jax.random.PRNGKey(cfg.seed)),
+                      optax.adamw(s.learning_rate, weight_decay=0.0), mesh=_mesh(cfg), seed=cfg.seed)
+    pool = io.task.problems(s.pool, "train")
+    rng = np.random.default_rng(cfg.seed)
+    for _ in range(s.steps):
+        trainer.update(_answer_batch(io, [pool[i] for i in rng.integers(0, len(pool), s.batch_size)]))
+    return model_cfg, jax.device_get(trainer.policy_params()), {"sft_steps": s.steps}
+
+
+def _answer_batch(io: TaskIO, problems: list[Problem]) -> dict[str, np.ndarray]:
+    """A sequence batch of (prompt, reference answer) pairs, right-aligned prompts."""
+    prompts = io.prompts(problems)
+    answers = [io.encode_answer(p) for p in problems]
+    width, n = max(map(len, prompts)), max(map(len, answers))
+    prompt_BxP = np.full((len(problems), width), io.pad_id, np.int32)
+    answer_BxN = np.full((len(problems), n), io.pad_id, np.int32)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        prompt_BxP[i, width - len(p):] = p
+        answer_BxN[i, :len(a)] = a
+    start = np.asarray([width - len(p) for p in prompts], np.int32)
+    return sequence_batch(prompt_BxP, start, answer_BxN, np.asarray([len(a) for a in answers], np.int32))
+
+
+def _mesh(cfg: ml_collections.ConfigDict):
+    return make_mesh(MeshConfig(**cfg.mesh.to_dict()))
+
+
+def _objective(method: str, model_cfg: ModelConfig, cfg: ml_collections.ConfigDict) -> KLObjective:
+    lora = LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha) if cfg.lora.rank else None
+    k = cfg.rollout.k
+    estimators = {"rlhf_ppo": PPO(), "rlvr_ppo": PPO(), "dpo": DPO(variant=cfg.dpo.variant),
+                  "rsft": RSFT(group_size=k, filter="best_of_k", threshold=1.0),
+                  "rlvr_grpo": GRPO(group_size=k), "rlvr_rloo": RLOO(group_size=k)}
+    kl = KLRegularizer(cfg.beta[method], "k3" if method == "rlvr_grpo" else "k1")
+    return KLObjective(Policy(model_cfg, lora), kl, estimators[method])
+
+
+def collect_preferences(io: TaskIO, model_cfg: ModelConfig, params: Any, problems: list[Problem], k: int,
+                        key: jax.Array) -> dict[str, np.ndarray]:
+    """Pairs (accepted ≻ rejected) of π_ref's samples, [B, 2, T]; prompts whose samples all agree are dropped."""
+    rollout = sample_rollout(model_cfg, params, io.prompts(problems), k, key, max_new_tokens=io.max_new_tokens,
+                             eos_id=io.eos_id, pad_id=io.pad_id)
+    rewards = io.rewards(rollout.responses(), [problems[i] for i in rollout.prompt_index_B])
+    chosen, rejected = preference_pairs(rewards, k)
+    return pair_batch(rollout, chosen, rejected)
+
+
+def train_reward_model(model_cfg: ModelConfig, backbone: Any, pairs: dict[str, np.ndarray],
+                       cfg: ml_collections.ConfigDict, mesh) -> tuple[Any, dict[str, float]]:
+    """Eq. 11 through the generic step; returns the reward model and its held-out pair accuracy."""
+    n = pairs["tokens"].shape[0]
+    n_val = max(n // 5, 1)
+    val = {k: v[:n_val] for k, v in pairs.items()}
+    train = {k: v[n_val:] for k, v in pairs.items()}
+
+    def scores(rm, batch):
+        flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
+        return reward_model_scores(model_cfg, rm, flat).reshape(-1, 2)
+
+    def loss_fn(rm, batch):
+        r = scores(rm, batch)
+        return jnp.mean(bradley_terry_loss(r[:, 0], r[:, 1])), {"accuracy": jnp.mean((r[:, 0] > r[:, 1]) * 1.0)}
+
+    optimizer = optax.adam(cfg.reward_model.learning_rate)
+    state, sharding = state_from_params(init_reward_model(backbone, model_cfg), optimizer, mesh, MeshConfig(), 0)
+    step = make_train_step(loss_fn, optimizer, sharding, batch_sharding(mesh))
+    rng = np.random.default_rng(0)
+    b = cfg.reward_model.batch_size
+    for _ in range(cfg.reward_model.steps):
+        idx = rng.integers(0, len(train["tokens"]), b)
+        state, metrics = step(state, {k: v[idx] for k, v in train.items()})
+    r_val = jax.jit(scores)(state.params, val)
+    acc = float(jnp.mean(r_val[:, 0] > r_val[:, 1]))
+    return state.params, {"train_accuracy": float(metrics["accuracy"]), "heldout_accuracy": acc,
+                          "pairs": int(n)}
+
+
+def evaluate(io: TaskIO, model_cfg: ModelConfig, params: Any, ref_params: Any, problems: list[Problem],
+             key: jax.Array, samples_per_problem: int = 4) -> tuple[dict[str, float], list[str]]:
+    """Verifier success of the greedy answer and of τ = 1 samples (E_{y~π_θ}[r], eq. 9's reward term),
+    and KL(π_θ ‖ π_ref), on held-out problems."""
+    prompts = io.prompts(problems)
+    greedy = generate(model_cfg, params, prompts, key=key, max_new_tokens=io.max_new_tokens, sampler=GREEDY,
+                      eos_id=io.eos_id, pad_id=io.pad_id)
+    g_resp = [list(r[:n]) for r, n in zip(np.asarray(greedy.tokens_BxN), np.asarray(greedy.lengths_B))]
+    sampled = sample_rollout(model_cfg, params, prompts, samples_per_problem, key, max_new_tokens=io.max_new_tokens,
+                             sampler=Sampler(temperature=1.0), eos_id=io.eos_id, pad_id=io.pad_id)
+    kl = float(exact_kl_to(model_cfg, params, ref_params, sampled.batch))
+    texts = [f"{p.prompt!s:>12} → {io.decode(r)!r:<10} {'✓' if ok else '✗'} (answer {p.answer})"
+             for p, r, ok in zip(problems, g_resp, io.rewards(g_resp, problems))]
+    sampled_r = io.rewards(sampled.responses(), [problems[i] for i in sampled.prompt_index_B])
+    return {"success_greedy": float(io.rewards(g_resp, problems).mean()),
+            "success_sampled": float(sampled_r.mean()), "kl": kl}, texts
+
+
+def run_alignment(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Run every configured method from the same π_ref; write metrics, plots, samples and a summary."""
+    t0 = time.perf_counter()
+    os.makedirs(config.workdir, exist_ok=True)
+    metrics_path = os.path.join(config.workdir, "metrics.jsonl")
+    if os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    writer = MetricsWriter(config.workdir, tensorboard=False)
+    mesh = _mesh(config)
+    io, model_cfg, ref_params, start_info = _task_and_model(config)
+    ref_params = jax.device_get(ref_params)
+    key = jax.random.PRNGKey(config.seed)
+    eval_problems = list({p.prompt: p for p in io.task.problems(config.eval.problems, "test")}.values())
+    pool = io.task.problems(config.rollout.pool, "train")
+    before, before_samples = evaluate(io, model_cfg, ref_params, ref_params, eval_problems, key, config.eval.k)
+    summary: dict[str, Any] = {"start": dict(start_info, **before), "eval_problems": len(eval_problems),
+                               "methods": {}}
+    samples = ["## start model (π_ref)\n" + "\n".join(before_samples[:config.eval.samples])]
+
+    pairs = None
+    if {"dpo", "rlhf_ppo"} & set(config.methods):
+        pairs = collect_preferences(io, model_cfg, ref_params, pool[:config.preferences.prompts],
+                                    config.preferences.k, jax.random.fold_in(key, 1))
+    for method in config.methods:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected some of {METHODS}")
+        m_t0 = time.perf_counter()
+        objective = _objective(method, model_cfg, config)
+        trainer = Trainer(objective, ref_params, optax.adam(config.learning_rate[method]), mesh=mesh,
+                          seed=config.seed)
+        extra: dict[str, Any] = {}
+        reward_fn = None
+        if method == "rlhf_ppo":
+            rm, extra = train_reward_model(model_cfg, ref_params, pairs, config, mesh)
+            scorer = jax.jit(lambda b, rm=rm: reward_model_scores(model_cfg, rm, b))
+            reward_fn = lambda rollout, probs: np.asarray(scorer(rollout.batch))   # noqa: E731
+        writer.write(0, method, before)
+        rng = np.random.default_rng(config.seed)
+        for it in range(1, config.iterations + 1):
+            if method == "dpo":
+                idx = rng.integers(0, pairs["tokens"].shape[0], config.dpo.batch_pairs)
+                train_metrics = trainer.update({k: v[idx] for k, v in pairs.items()})
+            else:
+                problems = [pool[i] for i in rng.integers(0, len(pool), config.rollout.prompts)]
+                rollout = trainer.rollout(io.prompts(problems), config.rollout.k, max_new_tokens=io.max_new_tokens,
+                                          eos_id=io.eos_id, pad_id=io.pad_id)
+                row_problems = [problems[i] for i in rollout.prompt_index_B]
+                verifier_r = io.rewards(rollout.responses(), row_problems)
+                rewards = verifier_r if reward_fn is None else reward_fn(rollout, row_problems)
+                train_metrics = trainer.update(dict(rollout.batch, rewards=rewards), epochs=config.epochs)
+                train_metrics["train_success"] = float(verifier_r.mean())
+            if it % config.eval_every == 0 or it == config.iterations:
+                ev, texts = evaluate(io, model_cfg, trainer.policy_params(), ref_params, eval_problems,
+                                     jax.random.fold_in(key, it), config.eval.k)
+                writer.write(it, method, dict(ev, **{f"train_{k}": v for k, v in train_metrics.items()}))
+        after = ev
+        summary["methods"][method] = dict(after, **extra, seconds=round(time.perf_counter() - m_t0, 1),
+                                          gain_greedy=after["success_greedy"] - before["success_greedy"],
+                                          gain_sampled=after["success_sampled"] - before["success_sampled"])
+        samples.append(f"## {method}\n" + "\n".join(texts[:config.eval.samples]))
+        print(f"{method}: success greedy {before['success_greedy']:.3f} → {after['success_greedy']:.3f}, "
+              f"sampled {before['success_sampled']:.3f} → {after['success_sampled']:.3f}, KL {after['kl']:.3f}",
+              flush=True)
+    writer.close()
+    with open(os.path.join(config.workdir, "samples.txt"), "w", encoding="utf-8") as f:
+        f.write("\n\n".join(samples) + "\n")
+    from arlm.alignment.plots import plot_alignment
+    plot_alignment(metrics_path, config.workdir)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    with open(os.path.join(config.workdir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    return summary

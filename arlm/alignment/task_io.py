@@ -1,0 +1,54 @@
+"""How an alignment run talks to a model about the arithmetic task: prompt ids, decoding, stop token.
+
+Two bindings: `char_task` (arlm's tiny character tokenizer, for a model SFT-ed here on CPU) and
+`chat_task` (a loaded chat model such as SmolLM2-135M-Instruct, prompted through its chat template).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from arlm.alignment.tasks import ArithmeticTask, ArithmeticTokenizer, Problem
+from arlm.alignment.verifiers import ExactMatch, NumericAnswer, Verifier
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskIO:
+    task: ArithmeticTask
+    encode_prompt: Callable[[Problem], list[int]]
+    encode_answer: Callable[[Problem], list[int]]        # the reference response, stop token included
+    decode: Callable[[Sequence[int]], str]
+    verifier: Verifier
+    eos_id: int
+    pad_id: int
+    max_new_tokens: int
+
+    def prompts(self, problems: Sequence[Problem]) -> list[list[int]]:
+        return [self.encode_prompt(p) for p in problems]
+
+    def rewards(self, responses: Sequence[Sequence[int]], problems: Sequence[Problem]) -> np.ndarray:
+        texts = [self.decode(r) for r in responses]
+        return np.asarray([self.verifier(t, p.answer) for t, p in zip(texts, problems)], np.float32)
+
+
+def char_task(task: ArithmeticTask, max_new_tokens: int = 6) -> TaskIO:
+    tok = ArithmeticTokenizer()
+    return TaskIO(task, lambda p: tok.encode(p.prompt, bos=True), lambda p: tok.encode(p.answer, eos=True),
+                  tok.decode, ExactMatch(), tok.eos_id, tok.pad_id, max_new_tokens)
+
+
+def chat_task(task: ArithmeticTask, loaded: Any, max_new_tokens: int = 16) -> TaskIO:
+    tok = loaded.tokenizer
+
+    def prompt(p: Problem) -> list[int]:
+        return loaded.chat_prompt([{"role": "user", "content": f"What is {p.a} {p.op} {p.b}? "
+                                                               "Reply with only the number."}])
+
+    def decode(ids: Sequence[int]) -> str:
+        return tok.decode([i for i in ids if i != tok.eos_id])
+
+    return TaskIO(task, prompt, lambda p: tok.encode(p.answer) + [tok.eos_id], decode, NumericAnswer(),
+                  tok.eos_id, tok.eos_id, max_new_tokens)
