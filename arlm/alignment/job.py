@@ -95,7 +95,10 @@ def _answer_batch(io: TaskIO, problems: list[Problem]) -> dict[str, np.ndarray]:
 
 
 def _mesh(cfg: ml_collections.ConfigDict):
-    return make_mesh(MeshConfig(**cfg.mesh.to_dict()))
+    """The mesh of `cfg.mesh` over the first `cfg.mesh.num_devices` devices (0: all of them)."""
+    fields = cfg.mesh.to_dict()
+    n = fields.pop("num_devices", 0)
+    return make_mesh(MeshConfig(**fields), devices=jax.devices()[:n] if n else None)
 
 
 def _objective(method: str, model_cfg: ModelConfig, cfg: ml_collections.ConfigDict) -> KLObjective:
@@ -148,6 +151,21 @@ def train_reward_model(model_cfg: ModelConfig, backbone: Any, pairs: dict[str, n
                           "pairs": int(n)}
 
 
+def centered_reward_model(model_cfg: ModelConfig, rm: Any, k: int):
+    """Rewards r_φ(x, y) − mean of r_φ over the K samples of x, from a Bradley–Terry reward model.
+
+    A Bradley–Terry reward is identified only up to a per-prompt constant c(x), which
+    π* ∝ π_ref exp(r/β) ignores (it cancels in Z(x)); removing it spares PPO's value head
+    from having to learn it.
+    """
+    scorer = jax.jit(lambda batch: reward_model_scores(model_cfg, rm, batch))
+
+    def reward_fn(rollout, problems) -> np.ndarray:
+        r_GxK = np.asarray(scorer(rollout.batch)).reshape(-1, k)
+        return (r_GxK - r_GxK.mean(-1, keepdims=True)).reshape(-1)
+    return reward_fn
+
+
 def evaluate(io: TaskIO, model_cfg: ModelConfig, params: Any, ref_params: Any, problems: list[Problem],
              key: jax.Array, samples_per_problem: int = 4) -> tuple[dict[str, float], list[str]]:
     """Verifier success of the greedy answer and of τ = 1 samples (E_{y~π_θ}[r], eq. 9's reward term),
@@ -169,6 +187,9 @@ def evaluate(io: TaskIO, model_cfg: ModelConfig, params: Any, ref_params: Any, p
 def run_alignment(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Run every configured method from the same π_ref; write metrics, plots, samples and a summary."""
     t0 = time.perf_counter()
+    unknown = [m for m in config.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; expected some of {METHODS}")
     os.makedirs(config.workdir, exist_ok=True)
     metrics_path = os.path.join(config.workdir, "metrics.jsonl")
     if os.path.exists(metrics_path):
@@ -190,8 +211,6 @@ def run_alignment(config: ml_collections.ConfigDict) -> dict[str, Any]:
         pairs = collect_preferences(io, model_cfg, ref_params, pool[:config.preferences.prompts],
                                     config.preferences.k, jax.random.fold_in(key, 1))
     for method in config.methods:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; expected some of {METHODS}")
         m_t0 = time.perf_counter()
         objective = _objective(method, model_cfg, config)
         trainer = Trainer(objective, ref_params, optax.adam(config.learning_rate[method]), mesh=mesh,
@@ -200,8 +219,7 @@ def run_alignment(config: ml_collections.ConfigDict) -> dict[str, Any]:
         reward_fn = None
         if method == "rlhf_ppo":
             rm, extra = train_reward_model(model_cfg, ref_params, pairs, config, mesh)
-            scorer = jax.jit(lambda b, rm=rm: reward_model_scores(model_cfg, rm, b))
-            reward_fn = lambda rollout, probs: np.asarray(scorer(rollout.batch))   # noqa: E731
+            reward_fn = centered_reward_model(model_cfg, rm, config.rollout.k)
         writer.write(0, method, before)
         rng = np.random.default_rng(config.seed)
         for it in range(1, config.iterations + 1):

@@ -28,14 +28,14 @@ def plot_alignment(metrics_path: str, outdir: str) -> list[str]:
     colors = {m: f"C{i}" for i, m in enumerate(sampled)}
     paths = []
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for m, pts in sampled.items():
         ax.plot(*zip(*pts), "o-", color=colors[m], markersize=3, label=f"{m} (τ = 1)")
         if m in greedy:
             ax.plot(*zip(*greedy[m]), "--", color=colors[m], alpha=0.6, label=f"{m} (greedy)")
     ax.set(xlabel="iteration", ylabel="verifier success on held-out problems",
            title="Reward against step (eq. 9's E[r])")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     paths.append(_save(fig, plt, os.path.join(outdir, "reward_vs_step.png")))
 

@@ -20,17 +20,18 @@ def get_config() -> ml_collections.ConfigDict:
         model=ml_collections.ConfigDict(dict(family="gpt2", d_model=64, n_layers=2, n_heads=4, d_ff=256,
                                              max_seq_len=16))))
     # β of eq. 9 for each method (RSFT's best-of-K filter does not use it).
-    c.beta = ml_collections.ConfigDict(dict(rlhf_ppo=0.2, dpo=0.1, rsft=0.0, rlvr_grpo=0.02, rlvr_rloo=0.02, rlvr_ppo=0.05))
+    c.beta = ml_collections.ConfigDict(dict(rlhf_ppo=0.5, dpo=0.3, rsft=0.0, rlvr_grpo=0.02, rlvr_rloo=0.02, rlvr_ppo=0.05))
     c.iterations = 80
     c.eval_every = 10
     c.epochs = 1
     c.learning_rate = ml_collections.ConfigDict(dict(
-        rlhf_ppo=2e-4, dpo=2e-5, rsft=3e-4, rlvr_grpo=3e-4, rlvr_rloo=3e-4, rlvr_ppo=1e-4))
+        rlhf_ppo=2e-4, dpo=3e-5, rsft=3e-4, rlvr_grpo=3e-4, rlvr_rloo=3e-4, rlvr_ppo=1e-4))
     c.rollout = ml_collections.ConfigDict(dict(prompts=16, k=8, pool=8000))
     c.preferences = ml_collections.ConfigDict(dict(prompts=8000, k=8))
     c.reward_model = ml_collections.ConfigDict(dict(steps=1500, batch_size=64, learning_rate=3e-4))
     c.dpo = ml_collections.ConfigDict(dict(variant="sigmoid", batch_pairs=64))
     c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0))
     c.eval = ml_collections.ConfigDict(dict(problems=2000, k=4, samples=12))   # unique held-out problems
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, param_sharding="replicate"))
+    # num_devices: use the first n devices (0: all).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, param_sharding="replicate", num_devices=0))
     return c

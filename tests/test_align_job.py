@@ -1,0 +1,102 @@
+"""`experiments/align.py`'s job, end to end on tiny budgets: the CPU default's pipeline (SFT-ed start
+model, reward model, every method, metrics, plots, samples, summary) and the SmolLM2 config."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from arlm.alignment.job import METHODS, run_alignment
+from arlm.train.metrics import read_metrics
+from tests._hf_oracle import gguf_path_or_skip
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _config(name: str):
+    path = os.path.join(HERE, "..", "experiments", "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"align_cfg_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _shrink(c, workdir: str):
+    c.workdir = workdir
+    c.iterations, c.eval_every = 2, 1
+    c.rollout.prompts, c.rollout.k = 2, 4
+    c.preferences.prompts, c.preferences.k = 64, 4
+    c.reward_model.steps, c.reward_model.batch_size = 2, 2
+    c.dpo.batch_pairs = 2
+    c.eval.problems, c.eval.k, c.eval.samples = 8, 2, 3
+    c.mesh.num_devices = 1
+    return c
+
+
+def _check_outputs(workdir: str, methods) -> dict:
+    for name in ("metrics.jsonl", "reward_vs_step.png", "kl_vs_step.png", "frontier.png", "samples.txt",
+                 "summary.json"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert set(summary["methods"]) == set(methods)
+    records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    for m in methods:
+        steps = [r["step"] for r in records if r["split"] == m]
+        assert steps == [0, 1, 2], (m, steps)
+        assert summary["methods"][m]["kl"] >= 0
+    start = [r for r in records if r["step"] == 0]
+    assert all(r["kl"] == 0.0 for r in start)         # π_θ = π_ref before any update
+    text = open(os.path.join(workdir, "samples.txt")).read()
+    assert all(f"## {m}" in text for m in methods)
+    return summary
+
+
+@pytest.mark.slow
+def test_align_job_cpu_default_pipeline(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    c = _shrink(_config("align"), str(tmp_path))
+    c.start.steps = 20
+    run_alignment(c)
+    summary = _check_outputs(c.workdir, c.methods)
+    assert 0.0 <= summary["start"]["success_greedy"] <= 1.0
+    assert "heldout_accuracy" in summary["methods"]["rlhf_ppo"]
+
+
+@pytest.mark.slow
+def test_align_cpu_default_raises_verifier_success(tmp_path):
+    """The acceptance run itself: the CPU default config (≈2 min), every method must raise the
+    verifier's success on held-out problems, for sampled answers (E_{y~π_θ}[r], eq. 9's reward term;
+    228 problems × 4 samples) and not lose more than noise for greedy ones."""
+    c = _config("align")
+    c.workdir = str(tmp_path)
+    c.mesh.num_devices = 1              # as `python experiments/align.py` runs on a 1-device CPU
+    summary = run_alignment(c)
+    for m, s in summary["methods"].items():
+        assert s["success_sampled"] > summary["start"]["success_sampled"], (m, s)
+        assert s["gain_greedy"] > -0.02, (m, s)
+        assert 0 < s["kl"] < 2.0, (m, s)
+
+
+def test_align_job_rejects_unknown_method(tmp_path):
+    c = _shrink(_config("align"), str(tmp_path))
+    c.start.steps = 1
+    c.methods = ("dpo_typo",)
+    with pytest.raises(ValueError, match="unknown method 'dpo_typo'"):
+        run_alignment(c)
+    assert set(METHODS) >= set(_config("align").methods)
+
+
+@pytest.mark.slow
+def test_align_job_smollm2_config_runs(tmp_path):
+    """The SmolLM2-135M-Instruct config, two iterations of every method with LoRA on CPU: a smoke run
+    (the real budget needs a GPU)."""
+    gguf_path_or_skip("smollm2-135m-instruct")
+    c = _shrink(_config("align_smollm2"), str(tmp_path))
+    c.preferences.prompts = 8
+    c.task.max_new_tokens = 6
+    run_alignment(c)
+    summary = _check_outputs(c.workdir, c.methods)
+    assert summary["start"]["model"] == "smollm2-135m-instruct"
