@@ -95,8 +95,8 @@ def test_align_job_smollm2_config_runs(tmp_path):
     (the real budget needs a GPU)."""
     gguf_path_or_skip("smollm2-135m-instruct")
     c = _shrink(_config("align_smollm2"), str(tmp_path))
-    c.preferences.prompts = 8
-    c.task.max_new_tokens = 6
+    c.task.max_operand, c.task.max_new_tokens = 20, 6
+    c.preferences.prompts = 24
     run_alignment(c)
     summary = _check_outputs(c.workdir, c.methods)
     assert summary["start"]["model"] == "smollm2-135m-instruct"

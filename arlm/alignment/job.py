@@ -118,6 +118,10 @@ def collect_preferences(io: TaskIO, model_cfg: ModelConfig, params: Any, problem
                              eos_id=io.eos_id, pad_id=io.pad_id)
     rewards = io.rewards(rollout.responses(), [problems[i] for i in rollout.prompt_index_B])
     chosen, rejected = preference_pairs(rewards, k)
+    if len(chosen) < 2:
+        raise ValueError(f"only {len(chosen)} preference pairs from {len(problems)} prompts × {k} samples: the "
+                         "starting model's samples agree on almost every prompt; raise preferences.prompts or "
+                         "preferences.k")
     return pair_batch(rollout, chosen, rejected)
 
 
