@@ -405,12 +405,11 @@ def test_unknown_rsft_filter():
 
 
 def test_unknown_dpo_variant():
-    config, params, batch = _small_batch()
-    objective = KLObjective(Policy(config), KLRegularizer(0.1), DPO(variant="kto"))
-    pairs = {k: np.stack([v[0::2], v[1::2]], 1) for k, v in batch.items()}
-    prepared = objective.prepare({"policy": params}, {"ref": params}, pairs)
-    with pytest.raises(ValueError, match="unknown DPO variant"):
-        objective.loss({"policy": params}, prepared, {"ref": params})
+    """Caught when the estimator is built, before any trainer or compiled step exists."""
+    with pytest.raises(ValueError, match="unknown DPO variant 'kto'"):
+        DPO(variant="kto")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        DPO(variant="robust", label_smoothing=0.5)
 
 
 def test_sample_rollout_needs_k():
