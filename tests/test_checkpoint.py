@@ -342,7 +342,35 @@ def test_restore_onto_fsdp_mesh(tmp_path, one_device, abstract):
         assert len(r.sharding.device_set) == 8
         n_split += any(ax is not None for ax in r.sharding.spec)
     assert n_split > 0, "no leaf is actually FSDP-sharded"
-    # Each device holds only its shard of a split leaf (embed [64, 32]: 64 rows over fsdp=4).
+    # Each device holds only its shard of a split leaf (embed [64, 32]: its model dimension over fsdp=4).
     emb = restored.params["embed"]
     assert emb.sharding.spec == target.params["embed"].sharding.spec
-    assert emb.addressable_shards[0].data.shape == (16, 32)
+    assert emb.addressable_shards[0].data.shape == (64, 8)
+
+
+def test_restore_across_meshes_8_4_1(tmp_path):
+    """Saved on 8 devices (data 2 × fsdp 2 × tensor 2), restored on 4 (data 2 × fsdp 2), saved again
+    and restored on 1: every value bitwise equal, every leaf laid out as its new target says."""
+    opt = make_optimizer(OPT_CFG)
+    meshes = [(MeshConfig(data=2, fsdp=2, tensor=2, param_sharding="fsdp", min_fsdp_size=1), 8),
+              (MeshConfig(data=2, fsdp=2, tensor=1, param_sharding="fsdp", min_fsdp_size=1), 4),
+              (MeshConfig(data=1), 1)]
+    cfg8, _ = meshes[0]
+    mesh8 = make_mesh(cfg8)
+    state, _ = create_train_state(lambda k: arlm.init_params(TINY, k), opt, mesh8, cfg8, seed=3)
+    wq = state.params["layers"]["attn"]["wq"]
+    assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    original = jax.device_get(state)
+    current = state
+    for i, (mesh_cfg, n) in enumerate(meshes[1:], start=1):
+        directory = str(tmp_path / f"ck{i}")
+        save_once(directory, current, {"stage": i})
+        mesh = make_mesh(mesh_cfg, jax.devices()[:n])
+        target = abstract_target(TINY, mesh, mesh_cfg, opt)
+        current, data = restore(directory, target)
+        assert data == {"stage": i}
+        assert_trees_bitwise_equal(current, original)
+        for r, t in zip(jax.tree_util.tree_leaves(current), jax.tree_util.tree_leaves(target)):
+            assert r.sharding.is_equivalent_to(t.sharding, r.ndim)
+            assert len(r.sharding.device_set) == n
+    assert current.params["layers"]["attn"]["wq"].addressable_shards[0].data.shape == wq.shape
