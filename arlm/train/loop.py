@@ -134,10 +134,14 @@ def run_training(
 def _report(pending: tuple[int, dict], writer: MetricsWriter | None, bar: tqdm, cfg: LoopConfig) -> None:
     step, metrics = pending
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not np.isfinite(values["loss"]):
+    if values.get("skipped", 0.0) > 0:
+        bar.write(f"step {step + 1}: non-finite loss {values['loss']} or gradient norm "
+                  f"{values.get('grad_norm')}; update skipped (skip_nonfinite)")
+    elif not (np.isfinite(values["loss"]) and np.isfinite(values.get("grad_norm", 0.0))):
         raise NonFiniteLossError(
-            f"non-finite training loss {values['loss']} at step {step + 1}; "
-            "the last checkpoint on disk predates it (lower the learning rate or check the data)")
+            f"non-finite training loss {values['loss']} or gradient norm {values.get('grad_norm')} at step "
+            f"{step + 1}; the last checkpoint on disk predates it (lower the learning rate or check the data, "
+            "or set skip_nonfinite to skip such updates)")
     if (step + 1) % cfg.log_every == 0 or step == 0:
         bar.set_postfix(loss=f"{values['loss']:.3f}")
         if writer is not None:
