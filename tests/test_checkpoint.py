@@ -374,3 +374,32 @@ def test_restore_across_meshes_8_4_1(tmp_path):
             assert r.sharding.is_equivalent_to(t.sharding, r.ndim)
             assert len(r.sharding.device_set) == n
     assert current.params["layers"]["attn"]["wq"].addressable_shards[0].data.shape == wq.shape
+
+
+def test_async_save_does_not_block_the_step(tmp_path):
+    """save() returns once the arrays are copied off the device; the write goes on in the background
+    while the next (donating) train step runs, and the checkpoint is complete and exact afterwards."""
+    mesh_cfg = MeshConfig(data=1)
+    mesh = make_mesh(mesh_cfg, jax.devices()[:1])
+    opt = optax.sgd(1e-3)
+    init = lambda k: {"w": jax.random.normal(k, (4096, 8192))}          # 128 MiB   # noqa: E731
+    state, sharding = create_train_state(init, opt, mesh, mesh_cfg, seed=0)
+    loss = lambda p, b: (jnp.mean(p["w"] * b["x"]), {})                  # noqa: E731
+    step = make_train_step(loss, opt, sharding, batch_sharding(mesh))
+    batch = {"x": jnp.ones((1, 8192), jnp.float32)}
+    state, _ = step(state, batch)                                        # compiled before timing nothing
+    saved = jax.device_get(state)
+    ckpt = Checkpointer(str(tmp_path / "ck"), save_every=1, keep=2, async_save=True)
+    try:
+        assert ckpt.save(1, state, {"next_index": 1})
+        assert ckpt.saving()                       # still writing when save() has returned …
+        assert not os.path.exists(tmp_path / "ck" / "1")
+        state, _ = step(state, batch)              # … and the step (which donates `state`) runs meanwhile
+        jax.block_until_ready(state)
+        ckpt.wait()
+        assert not ckpt.saving() and os.path.isdir(tmp_path / "ck" / "1")
+        restored, data = ckpt.restore(jax.tree_util.tree_map(jnp.zeros_like, state))
+    finally:
+        ckpt.close()
+    assert data == {"next_index": 1}
+    assert_trees_bitwise_equal(restored, saved)
