@@ -136,6 +136,15 @@ def param_specs(params: Any, mesh: Mesh, cfg: MeshConfig) -> Any:
     return jax.tree_util.tree_map_with_path(rule, params)
 
 
+def cache_spec(mesh: Mesh, batch: int, n_kv_heads: int) -> P:
+    """The KV cache [L, B, S, N, K] under the same rules: rows over data × fsdp (like the batch),
+    key/value heads over "tensor" (like wk/wv); a dimension the mesh axes do not divide stays whole."""
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    heads = mesh.shape["tensor"]
+    return P(None, BATCH_AXES if rows > 1 and batch % rows == 0 else None, None,
+             "tensor" if heads > 1 and n_kv_heads % heads == 0 else None, None)
+
+
 def named(mesh: Mesh, specs: Any) -> Any:
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
                                   is_leaf=lambda s: isinstance(s, P))

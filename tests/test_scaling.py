@@ -135,3 +135,40 @@ def test_alignment_step_matches_single_device(method, name):
     _assert_partitioned(trainer.state.params, trainer.state.opt_state, MESHES[name])
     frozen_wq = trainer.frozen["ref"]["layers"]["attn"]["wq"]      # π_ref follows the same rules
     assert frozen_wq.sharding.spec == trainer.state.params["policy"]["layers"]["attn"]["wq"].sharding.spec
+
+
+@pytest.mark.parametrize("name", ["dp2_fsdp2_tp2", "tp8"])
+def test_generation_on_a_mesh_matches_one_device_and_shards_the_cache(name):
+    """`arlm.generate(..., mesh=)` with params placed by the rules: the same greedy tokens and
+    log-probs as one device; the KV cache [L, B, S, N, K] has rows over data × fsdp and heads over tensor."""
+    from arlm.inference.cache import forward_with_cache, init_cache
+    from arlm.inference.generate import _constrain
+    from arlm.sharding import cache_spec, named, param_specs
+
+    shape = MESHES[name]
+    mesh_cfg = _mesh_cfg(shape)
+    mesh = make_mesh(mesh_cfg)
+    params = arlm.init_params(CONFIG, jax.random.PRNGKey(5))
+    sharded = jax.device_put(params, named(mesh, param_specs(params, mesh, mesh_cfg)))
+    rng = np.random.default_rng(2)
+    prompts = [list(rng.integers(1, CONFIG.vocab_size, n)) for n in (3, 7, 5, 2, 6, 4, 7, 1)]
+    one = arlm.generate(CONFIG, params, prompts, key=jax.random.PRNGKey(0), max_new_tokens=8)
+    many = arlm.generate(CONFIG, sharded, prompts, key=jax.random.PRNGKey(0), max_new_tokens=8, mesh=mesh)
+    np.testing.assert_array_equal(np.asarray(many.tokens_BxN), np.asarray(one.tokens_BxN))
+    np.testing.assert_allclose(np.asarray(many.log_probs_BxN), np.asarray(one.log_probs_BxN), atol=2e-5)
+
+    spec = cache_spec(mesh, 8, CONFIG.n_kv_heads)
+    data, fsdp, tensor = shape
+    assert spec == P(None, ("data", "fsdp") if data * fsdp > 1 else None, None, "tensor" if tensor > 1 else None,
+                     None)
+    sharding = jax.sharding.NamedSharding(mesh, spec)
+
+    @jax.jit
+    def prefill(p, tokens):
+        cache = _constrain(init_cache(CONFIG, 8, 16), sharding)
+        _, cache = forward_with_cache(CONFIG, p, cache, tokens)
+        return _constrain(cache, sharding)
+
+    cache = prefill(sharded, jax.numpy.asarray(rng.integers(1, CONFIG.vocab_size, (8, 4)), jax.numpy.int32))
+    assert cache.k.sharding.is_equivalent_to(sharding, 5) and cache.v.sharding.is_equivalent_to(sharding, 5)
+    assert cache.k.addressable_shards[0].data.size == cache.k.size // (data * fsdp * tensor)
