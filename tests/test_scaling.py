@@ -172,3 +172,26 @@ def test_generation_on_a_mesh_matches_one_device_and_shards_the_cache(name):
     cache = prefill(sharded, jax.numpy.asarray(rng.integers(1, CONFIG.vocab_size, (8, 4)), jax.numpy.int32))
     assert cache.k.sharding.is_equivalent_to(sharding, 5) and cache.v.sharding.is_equivalent_to(sharding, 5)
     assert cache.k.addressable_shards[0].data.size == cache.k.size // (data * fsdp * tensor)
+
+
+def test_collective_bytes_read_from_hlo_match_the_gradient_size():
+    """A data-parallel step all-reduces every gradient once (the layer scan's in-loop all-reduce
+    counted once per layer), plus a few scalars; FSDP adds all-gathers of the split params."""
+    from arlm.hlo import collective_bytes, shape_bytes
+
+    assert shape_bytes("f32[16,32]{1,0}") == 2048 and shape_bytes("(bf16[4], s32[2,2])") == 24
+    config = arlm.ModelConfig.llama(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=64,
+                                    max_seq_len=16)
+    batch = {"inputs": np.zeros((8, 8), np.int32), "targets": np.zeros((8, 8), np.int32)}
+    found = {}
+    for name, mesh_cfg in {"data": MeshConfig(data=8),
+                           "fsdp": MeshConfig(data=1, fsdp=8, param_sharding="fsdp", min_fsdp_size=1)}.items():
+        mesh = make_mesh(mesh_cfg)
+        state, sharding = create_train_state(lambda k: arlm.init_params(config, k), _optimizer(), mesh, mesh_cfg, 0)
+        step = make_train_step(make_lm_loss(config), _optimizer(), sharding, batch_sharding(mesh))
+        hlo = step.lower(state, jax.device_put(batch, batch_sharding(mesh))).compile().as_text()
+        found[name] = collective_bytes(hlo)
+    grad_bytes = 4 * arlm.count_params(arlm.init_params(config, jax.random.PRNGKey(0)))
+    assert grad_bytes <= found["data"]["all-reduce"] <= 1.1 * grad_bytes, (found, grad_bytes)
+    assert found["data"]["all-gather"] == 0
+    assert found["fsdp"]["all-gather"] > 0
