@@ -1,11 +1,17 @@
 """Device meshes and partition rules: SPMD with `jax.jit` shardings, never `pmap`.
 
 The mesh has named axes ("data", "fsdp", "tensor"). The batch is split over
-data × fsdp. Parameters are either replicated or FSDP-sharded by a rule: each
-array with at least `min_fsdp_size` elements is split along its largest axis
-that the fsdp axis size divides (the leading layer axis of stacked params is
-never split). Optimizer state follows its parameters, because it is derived
-from them by `jax.eval_shape` and given the same rule.
+data × fsdp. Parameters are placed by rules, in two steps:
+
+1. every parameter has *logical* axes, named by its role (`LOGICAL_AXES`: e.g. the query
+   projection wq [L, D, H, K] is (layers, embed, heads, head_dim));
+2. `RULES` map logical axes to mesh axes: attention heads, the MLP hidden dimension and the
+   vocabulary go to "tensor" (Megatron-style tensor parallelism), the model dimension to
+   "fsdp" when `param_sharding="fsdp"`. A dimension the mesh axis does not divide stays whole.
+
+Arrays without known roles (LoRA adapters, value heads) that are large enough are FSDP-split
+along their largest divisible axis. The leading layer axis of stacked params is never split.
+Optimizer state follows its parameters (`arlm.train.state.state_specs`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
-    param_sharding: str = "replicate"   # or "fsdp"
+    param_sharding: str = "replicate"   # or "fsdp"; tensor parallelism follows the "tensor" axis size
     min_fsdp_size: int = 2 ** 14
 
     def __post_init__(self) -> None:
@@ -48,8 +54,50 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: list | None = None) -> Me
     return Mesh(grid, AXES)
 
 
+# Logical axes of each parameter (after the stacked layer axis), by "<module>/<leaf>" or "<leaf>".
+LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
+    "embed": ("vocab", "embed"),
+    "pos_embed": (None, "embed"),
+    "unembed": ("embed", "vocab"),
+    "attn/wq": ("embed", "heads", None),
+    "attn/wk": ("embed", "kv_heads", None),
+    "attn/wv": ("embed", "kv_heads", None),
+    "attn/wo": ("heads", None, "embed"),
+    "attn/wq_bias": ("heads", None),
+    "attn/wk_bias": ("kv_heads", None),
+    "attn/wv_bias": ("kv_heads", None),
+    "attn/wo_bias": (None,),
+    "mlp/w_gate": ("embed", "mlp"),
+    "mlp/w_up": ("embed", "mlp"),
+    "mlp/w_in": ("embed", "mlp"),
+    "mlp/w_out": ("mlp", "embed"),
+    "mlp/w_in_bias": ("mlp",),
+    "mlp/w_out_bias": (None,),
+    "moe/router": ("embed", None),
+    "moe/w_gate": ("expert", "embed", "mlp"),
+    "moe/w_up": ("expert", "embed", "mlp"),
+    "moe/w_in": ("expert", "embed", "mlp"),
+    "moe/w_out": ("expert", "mlp", "embed"),
+    "scale": (None,),
+    "bias": (None,),
+}
+
+# Logical axis → mesh axis.
+RULES: dict[str, str] = {"heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor",
+                         "embed": "fsdp"}
+
+
+def logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...] | None:
+    """The logical axes of the parameter at `path` ([None, …] for the stacked layer axis), or None."""
+    names = [str(getattr(k, "key", k)) for k in path]
+    axes = LOGICAL_AXES.get("/".join(names[-2:])) or LOGICAL_AXES.get(names[-1])
+    if axes is None or len(axes) > ndim:
+        return None
+    return (None,) * (ndim - len(axes)) + axes
+
+
 def fsdp_spec(path: tuple, shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
-    """The FSDP rule for one array: split its largest divisible axis over "fsdp"."""
+    """The fallback FSDP rule for one array: split its largest divisible axis over "fsdp"."""
     names = [str(getattr(k, "key", k)) for k in path]
     first = 1 if "layers" in names else 0          # stacked layers: never split L
     if fsdp_size == 1 or int(np.prod(shape)) < min_size:
@@ -63,16 +111,38 @@ def fsdp_spec(path: tuple, shape: tuple[int, ...], fsdp_size: int, min_size: int
     return P(*spec)
 
 
+def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh, cfg: "MeshConfig") -> P:
+    """The PartitionSpec of one parameter under `RULES` (see the module docstring)."""
+    fsdp_on = cfg.param_sharding == "fsdp" and int(np.prod(shape)) >= cfg.min_fsdp_size
+    axes = logical_axes(path, len(shape))
+    if axes is None:
+        return fsdp_spec(path, shape, mesh.shape["fsdp"], cfg.min_fsdp_size) if fsdp_on else P()
+    spec: list[str | None] = [None] * len(shape)
+    for i, name in enumerate(axes):
+        mesh_axis = RULES.get(name) if name else None
+        if mesh_axis is None or mesh_axis in spec or mesh.shape[mesh_axis] == 1:
+            continue
+        if mesh_axis == "fsdp" and not fsdp_on:
+            continue
+        if shape[i] % mesh.shape[mesh_axis] == 0:
+            spec[i] = mesh_axis
+    return P(*spec)
+
+
 def param_specs(params: Any, mesh: Mesh, cfg: MeshConfig) -> Any:
     """A PartitionSpec for every leaf of `params` (arrays or ShapeDtypeStructs)."""
-    fsdp_size = mesh.shape["fsdp"]
-
     def rule(path, x):
-        if cfg.param_sharding == "replicate" or not hasattr(x, "shape"):
-            return P()
-        return fsdp_spec(path, tuple(x.shape), fsdp_size, cfg.min_fsdp_size)
-
+        return param_spec(path, tuple(x.shape), mesh, cfg) if hasattr(x, "shape") else P()
     return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def cache_spec(mesh: Mesh, batch: int, n_kv_heads: int) -> P:
+    """The KV cache [L, B, S, N, K] under the same rules: rows over data × fsdp (like the batch),
+    key/value heads over "tensor" (like wk/wv); a dimension the mesh axes do not divide stays whole."""
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    heads = mesh.shape["tensor"]
+    return P(None, BATCH_AXES if rows > 1 and batch % rows == 0 else None, None,
+             "tensor" if heads > 1 and n_kv_heads % heads == 0 else None, None)
 
 
 def named(mesh: Mesh, specs: Any) -> Any:

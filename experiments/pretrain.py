@@ -27,6 +27,9 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
     summary = run_pretraining(_CONFIG.value)
+    if summary.get("interrupted"):
+        print(f"{summary['interrupted']}: checkpoint saved at step {summary['steps']}; rerun to resume")
+        return
     keys = ["n_params", "steps", "val_loss_nats_per_token", "unigram_nats_per_token",
             "val_bits_per_byte", "unigram_bits_per_byte", "train_tokens_per_second", "wall_seconds"]
     print(json.dumps({k: summary[k] for k in keys}, indent=2))

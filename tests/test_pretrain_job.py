@@ -186,3 +186,34 @@ def test_nan_loss_stops_the_loop(tmp_path, checkpoint_every, total_steps):
     logged = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
     assert [r["step"] for r in logged] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in logged)
+
+
+def test_nonfinite_update_is_skipped_when_configured(tmp_path):
+    """skip_nonfinite: the NaN step leaves params untouched and the run goes on; the result equals
+    applying the other batches' updates only, and the skip is logged."""
+    mesh_cfg = MeshConfig()
+    mesh = make_mesh(mesh_cfg)
+    opt = optax.sgd(1e-2)
+    init = lambda k: {"w": jax.random.normal(k, (4, 4))}      # noqa: E731
+    data_sharding = batch_sharding(mesh)
+    put = lambda b: jax.device_put(b, data_sharding)          # noqa: E731
+    state, sharding = create_train_state(init, opt, mesh, mesh_cfg, seed=0)
+    step_fn = make_train_step(_loss, opt, sharding, data_sharding, skip_nonfinite=True)
+    writer = MetricsWriter(str(tmp_path), tensorboard=False)
+    try:
+        result = run_training(state, step_fn, Batches(nan_at=2), put,
+                              LoopConfig(total_steps=5, log_every=1, progress=False), writer=writer)
+    finally:
+        writer.close()
+    ref, _ = create_train_state(init, opt, mesh, mesh_cfg, seed=0)
+    plain = make_train_step(_loss, opt, sharding, data_sharding)
+    clean = Batches(nan_at=-1)
+    for i in range(5):
+        batch = next(clean)
+        if i != 2:
+            ref, _ = plain(ref, put(batch))
+    np.testing.assert_array_equal(np.asarray(result.state.params["w"]), np.asarray(ref.params["w"]))
+    assert int(result.state.step) == 5
+    logged = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+    assert [r["skipped"] for r in logged] == [0, 0, 1, 0, 0]
+    assert not math.isfinite(logged[2]["loss"])

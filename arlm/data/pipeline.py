@@ -178,7 +178,8 @@ def window_to_example(window_Tp1: np.ndarray) -> Batch:
 
 
 def make_train_dataset(
-    tokens_N: np.ndarray, seq_len: int, batch_size: int, seed: int
+    tokens_N: np.ndarray, seq_len: int, batch_size: int, seed: int, *,
+    process_index: int = 0, process_count: int = 1,
 ) -> grain.MapDataset:
     """Infinite, shuffled, batched training ``grain.MapDataset``.
 
@@ -191,25 +192,32 @@ def make_train_dataset(
       seq_len: Context length ``T``.
       batch_size: Batch size ``B``.
       seed: Shuffle seed, in ``[0, 2**32)``.
+      process_index, process_count: multi-host data loading. Each process reads only its rows
+        of every global batch: rows ``[p·B/n, (p+1)·B/n)``, exactly the rows of a single-process
+        batch that its devices hold when the batch is split over the mesh's data axes.
 
     Returns:
-      Dataset whose elements are ``{"inputs": int32[B, T], "targets": int32[B, T]}``.
+      Dataset whose elements are ``{"inputs": int32[B/n, T], "targets": int32[B/n, T]}``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if process_count < 1 or not 0 <= process_index < process_count or batch_size % process_count:
+        raise ValueError(f"process {process_index} of {process_count} cannot take an equal share of a batch "
+                         f"of {batch_size}")
     source = WindowSource(tokens_N, seq_len)
     if len(source) == 0:
         raise ValueError(
             f"Not enough tokens ({np.asarray(tokens_N).shape[0]}) for one window of "
             f"seq_len + 1 = {seq_len + 1}."
         )
-    return (
+    local = (
         grain.MapDataset.source(source)
         .shuffle(seed=seed)
         .repeat()
         .map(window_to_example)
-        .batch(batch_size, drop_remainder=True)
+        .batch(batch_size // process_count, drop_remainder=True)
     )
+    return local if process_count == 1 else local[process_index::process_count]
 
 
 def make_train_iterator(
@@ -220,6 +228,8 @@ def make_train_iterator(
     *,
     num_threads: int = 0,
     prefetch_buffer_size: int = 16,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> grain.DatasetIterator:
     """Infinite iterator of training batches with checkpointable state.
 
@@ -239,7 +249,8 @@ def make_train_iterator(
       :func:`iterator_state_to_json` / :func:`restore_iterator`) checkpoint
       and restore it exactly.
     """
-    ds = make_train_dataset(tokens_N, seq_len, batch_size, seed)
+    ds = make_train_dataset(tokens_N, seq_len, batch_size, seed, process_index=process_index,
+                            process_count=process_count)
     read_options = grain.ReadOptions(
         num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size
     )

@@ -16,11 +16,13 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from arlm.config import ModelConfig
 from arlm.inference.cache import forward_with_cache, init_cache
 from arlm.inference.sampling import GREEDY, Sampler
 from arlm.model.transformer import check_token_ids
+from arlm.sharding import cache_spec
 
 Array = jax.Array
 
@@ -80,12 +82,13 @@ def pad_prompts(config: ModelConfig, prompts: Sequence[Sequence[int]] | np.ndarr
     return out, start
 
 
-@partial(jax.jit, static_argnames=("config", "sampler", "max_new_tokens", "pad_id", "stream"))
+@partial(jax.jit, static_argnames=("config", "sampler", "max_new_tokens", "pad_id", "stream", "cache_sharding"))
 def _generate(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Array, key: Array,
-              stop_ids: Array, *, sampler: Sampler, max_new_tokens: int, pad_id: int, stream: bool):
+              stop_ids: Array, *, sampler: Sampler, max_new_tokens: int, pad_id: int, stream: bool,
+              cache_sharding: NamedSharding | None = None):
     b, p = prompt_BxP.shape
     n = max_new_tokens
-    cache = init_cache(config, b, p + n, start_B)
+    cache = _constrain(init_cache(config, b, p + n, start_B), cache_sharding)
     # pad_id only marks padding in inputs/outputs; the model is fed token 0 there (never attended to),
     # so a pad_id outside [0, V) cannot put NaN embeddings into the cache.
     is_pad_BxP = jnp.arange(p, dtype=jnp.int32)[None, :] < start_B[:, None]
@@ -111,6 +114,7 @@ def _generate(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Arra
             jax.debug.callback(_stream_callback, i, tok, live, ordered=True)
         done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
         logits, cache = forward_with_cache(config, params, cache, jnp.where(live, tok, 0)[:, None])
+        cache = _constrain(cache, cache_sharding)
         return i + 1, cache, logits[:, 0], key, tokens, done, logp, slogp, lengths
 
     state = (jnp.zeros((), jnp.int32), cache, logits[:, 0], key, jnp.full((b, n), pad_id, jnp.int32),
@@ -118,6 +122,14 @@ def _generate(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Arra
              jnp.zeros((b,), jnp.int32))
     _, _, _, _, tokens, _, logp, slogp, lengths = jax.lax.while_loop(cond, body, state)
     return tokens, lengths, logp, slogp
+
+
+def _constrain(cache, sharding: NamedSharding | None):
+    """Keep the cache's k and v laid out by the mesh rules (`arlm.sharding.cache_spec`)."""
+    if sharding is None:
+        return cache
+    return cache.replace(k=jax.lax.with_sharding_constraint(cache.k, sharding),
+                         v=jax.lax.with_sharding_constraint(cache.v, sharding))
 
 
 _STREAM: list[Callable[[int, np.ndarray, np.ndarray], None]] = []
@@ -141,6 +153,7 @@ def generate(
     pad_id: int = 0,
     overflow: str = "truncate",
     on_token: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    mesh: Mesh | None = None,
 ) -> GenerateOutput:
     """Generate continuations for a batch of (ragged) prompts with a KV cache.
 
@@ -152,6 +165,9 @@ def generate(
       overflow: "truncate" (drop the prompt's head to fit Δ, with a warning) or "error".
       on_token: streaming callback `on_token(step, tokens_B, live_B)` called after every decode
         step from inside the compiled loop (`live_B` marks rows still generating).
+      mesh: generate SPMD over this device mesh: pass params placed by its rules (e.g. a
+        `Trainer`'s); prompts are split over data × fsdp and the KV cache follows
+        `arlm.sharding.cache_spec` (rows like the batch, heads like wk/wv).
     """
     if overflow not in ("truncate", "error"):
         raise ValueError(f"overflow must be 'truncate' or 'error', got {overflow!r}")
@@ -160,9 +176,17 @@ def generate(
     if on_token is not None:
         _STREAM.append(on_token)
     try:
+        prompt, start = jnp.asarray(prompt_BxP), jnp.asarray(start_B)
+        cache_sharding = None
+        if mesh is not None:
+            spec = cache_spec(mesh, prompt.shape[0], config.n_kv_heads)
+            cache_sharding = NamedSharding(mesh, spec)
+            rows = NamedSharding(mesh, P(spec[1]))
+            prompt, start = jax.device_put(prompt, rows), jax.device_put(start, rows)
         tokens, lengths, logp, slogp = _generate(
-            config, params, jnp.asarray(prompt_BxP), jnp.asarray(start_B), key, jnp.asarray(stops, jnp.int32),
-            sampler=sampler, max_new_tokens=max_new_tokens, pad_id=pad_id, stream=on_token is not None)
+            config, params, prompt, start, key, jnp.asarray(stops, jnp.int32),
+            sampler=sampler, max_new_tokens=max_new_tokens, pad_id=pad_id, stream=on_token is not None,
+            cache_sharding=cache_sharding)
         if on_token is not None:
             jax.effects_barrier()
     finally:

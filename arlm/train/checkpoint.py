@@ -91,6 +91,10 @@ class Checkpointer:
                     f"{bad or sorted(set(found) ^ set(expected))}")
         return state, data
 
+    def saving(self) -> bool:
+        """Whether an asynchronous save is still being written (the train step need not wait for it)."""
+        return self._manager.is_saving_in_progress()
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

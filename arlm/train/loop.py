@@ -3,11 +3,19 @@
 Metrics of step s are read after step s+1 has been dispatched, so the host
 never makes the device wait. A non-finite loss stops the run with an error
 that names the step; the last checkpoint on disk is the last good one.
+
+SIGTERM and SIGINT (a scheduler's preemption notice, Ctrl-C) do not kill the
+run mid-step: the loop finishes the step in flight, saves a checkpoint, waits
+for it to be on disk and returns with `LoopResult.interrupted` set; a rerun
+resumes from it. A second signal while saving falls through to the default.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -45,6 +53,28 @@ class LoopResult:
     last_eval: dict[str, float]
     resumed_from: int | None
     steady_tokens_per_second: float
+    interrupted: str | None = None     # the signal that stopped the run early, e.g. "SIGTERM"
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals=(signal.SIGTERM, signal.SIGINT)):
+    """Yield a list that receives the name of any of `signals` as it arrives (main thread only)."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        received.append(signal.Signals(signum).name)
+        for s in signals:                      # a second signal: default behaviour
+            signal.signal(s, previous[s])
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield received
+    finally:
+        for s in signals:
+            signal.signal(s, previous[s])
 
 
 def run_training(
@@ -76,11 +106,19 @@ def run_training(
 
     start_step = int(state.step)
     end_step = cfg.total_steps if cfg.stop_after is None else min(cfg.stop_after, cfg.total_steps)
+    bar = tqdm(total=cfg.total_steps, initial=start_step, disable=not cfg.progress, desc="train",
+               dynamic_ncols=True)
+    with stop_on_signals() as signals:
+        result = _loop(state, train_step, train_iter, put_batch, cfg, bar, start_step, end_step, signals,
+                       evaluate, checkpointer, data_state, writer)
+    return dataclasses.replace(result, resumed_from=resumed_from)
+
+
+def _loop(state, train_step, train_iter, put_batch, cfg, bar, start_step, end_step, signals,
+          evaluate, checkpointer, data_state, writer) -> LoopResult:
     last_eval: dict[str, float] = {}
     pending: tuple[int, dict] | None = None
     tokens = 0
-    bar = tqdm(total=cfg.total_steps, initial=start_step, disable=not cfg.progress, desc="train",
-               dynamic_ncols=True)
     t0 = time.perf_counter()
     t_steady = None              # after the first (compiling) step
     side_seconds = 0.0           # evaluation and checkpointing, excluded from throughput
@@ -109,7 +147,7 @@ def run_training(
             if writer is not None:
                 writer.write(done, "val", last_eval)
             bar.write(f"step {done}: " + ", ".join(f"val_{k}={v:.4f}" for k, v in last_eval.items()))
-        final = done == end_step
+        final = done == end_step or bool(signals)
         if checkpointer is not None and (final or checkpointer.should_save(done)):
             if pending is not None:      # never save a state whose loss was not checked
                 _report(pending, writer, bar, cfg)
@@ -117,9 +155,13 @@ def run_training(
             t_side = time.perf_counter()
             checkpointer.save(done, state, data_state() if data_state else None, force=True)
             side_seconds += time.perf_counter() - t_side
+        if signals:
+            bar.write(f"{signals[0]} received: stopped after step {done}"
+                      + (", checkpoint saved" if checkpointer is not None else ""))
+            break
     if pending is not None:
         _report(pending, writer, bar, cfg)
-    if evaluate is not None and not last_eval:    # e.g. rerun of a finished job: nothing trained
+    if evaluate is not None and not last_eval and not signals:    # e.g. rerun of a finished job
         last_eval = evaluate(state)
     jax.block_until_ready(state)
     t_end = time.perf_counter()
@@ -127,17 +169,22 @@ def run_training(
     if checkpointer is not None:
         checkpointer.wait()
     steady = t_end - t_steady - side_seconds if t_steady is not None else 0.0
-    return LoopResult(state, tokens, t_end - t0, last_eval, resumed_from,
-                      steady_tokens / steady if steady > 0 else float("nan"))
+    return LoopResult(state, tokens, t_end - t0, last_eval, None,
+                      steady_tokens / steady if steady > 0 else float("nan"),
+                      interrupted=signals[0] if signals else None)
 
 
 def _report(pending: tuple[int, dict], writer: MetricsWriter | None, bar: tqdm, cfg: LoopConfig) -> None:
     step, metrics = pending
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not np.isfinite(values["loss"]):
+    if values.get("skipped", 0.0) > 0:
+        bar.write(f"step {step + 1}: non-finite loss {values['loss']} or gradient norm "
+                  f"{values.get('grad_norm')}; update skipped (skip_nonfinite)")
+    elif not (np.isfinite(values["loss"]) and np.isfinite(values.get("grad_norm", 0.0))):
         raise NonFiniteLossError(
-            f"non-finite training loss {values['loss']} at step {step + 1}; "
-            "the last checkpoint on disk predates it (lower the learning rate or check the data)")
+            f"non-finite training loss {values['loss']} or gradient norm {values.get('grad_norm')} at step "
+            f"{step + 1}; the last checkpoint on disk predates it (lower the learning rate or check the data, "
+            "or set skip_nonfinite to skip such updates)")
     if (step + 1) % cfg.log_every == 0 or step == 0:
         bar.set_postfix(loss=f"{values['loss']:.3f}")
         if writer is not None:

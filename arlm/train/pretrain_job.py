@@ -108,6 +108,12 @@ def run_pretraining(config: ml_collections.ConfigDict) -> dict[str, Any]:
         writer.close()
         checkpointer.close()
 
+    if result.interrupted:       # preempted: the checkpoint is what matters; skip sampling and plots
+        summary = {"interrupted": result.interrupted, "steps": int(result.state.step),
+                   "resumed_from": result.resumed_from, "wall_seconds": time.perf_counter() - wall0}
+        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+        return summary
     val_tokens_used = np.concatenate([b["targets"].reshape(-1) for b in val])
     n_val_bytes = pipeline.count_bytes(tokenizer, val_tokens_used)
     unigram = pipeline.unigram_baseline(train_tokens, val_tokens_used, tokenizer.vocab_size)

@@ -77,6 +77,7 @@ def make_train_step(
     grad_accum: int = 1,
     lr_schedule: optax.Schedule | None = None,
     frozen_sharding: Any = None,
+    skip_nonfinite: bool = False,
 ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
     """`step(state, batch) -> (state, metrics)`, jit-compiled with donated state.
 
@@ -84,6 +85,10 @@ def make_train_step(
     `step(state, batch, frozen)` and the loss is `loss_fn(params, batch, frozen)`.
     metrics holds "loss", "grad_norm", "lr" (if a schedule is given) and the
     loss function's own metrics, all replicated scalars.
+
+    With `skip_nonfinite`, a step whose loss or gradient is NaN/inf leaves params and optimizer
+    state untouched (the step counter and RNG still advance: the batch is consumed) and reports
+    metrics["skipped"] = 1; otherwise the loop stops on it (`arlm.train.loop`).
     """
     def step(state: TrainState, batch: dict[str, Array], frozen: Any = None) -> tuple[TrainState, dict[str, Array]]:
         fn = loss_fn if frozen_sharding is None else (lambda p, b: loss_fn(p, b, frozen))
@@ -91,7 +96,13 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rng, _ = jax.random.split(state.rng)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+        grad_norm = optax.tree.norm(grads)
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm)
+        if skip_nonfinite:
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            params, opt_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
+                                                       (params, opt_state), (state.params, state.opt_state))
+            metrics["skipped"] = (~finite).astype(jnp.float32)
         if lr_schedule is not None:
             metrics["lr"] = lr_schedule(state.step)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
