@@ -281,13 +281,11 @@ class SFT:
 
     def loss(self, obj, params, batch, frozen):
         out = obj.policy.outputs(params, frozen, batch)
-        mask = out.mask_BxT * batch.get("weights", jnp.ones(mask_rows(out), jnp.float32))[:, None]
+        mask = out.mask_BxT
+        if "weights" in batch:
+            mask = mask * batch["weights"][:, None]
         n = mask.sum()
         return -jnp.sum(out.logp_BxT * mask) / jnp.maximum(n, 1.0), {"tokens": n}
-
-
-def mask_rows(out: PolicyOutputs) -> tuple[int]:
-    return (out.mask_BxT.shape[0],)
 
 
 @dataclasses.dataclass(frozen=True)
