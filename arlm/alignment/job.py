@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from arlm.alignment.rollout import pair_batch, preference_pairs, sample_rollout
+from arlm.alignment.rollout import RewardModelReward, pair_batch, preference_pairs, sample_rollout
 from arlm.alignment.task_io import TaskIO, char_task, chat_task
 from arlm.alignment.tasks import ArithmeticTask, Problem
 from arlm.alignment.trainer import Trainer, exact_kl_to
@@ -162,10 +162,10 @@ def centered_reward_model(model_cfg: ModelConfig, rm: Any, k: int):
     π* ∝ π_ref exp(r/β) ignores (it cancels in Z(x)); removing it spares PPO's value head
     from having to learn it.
     """
-    scorer = jax.jit(lambda batch: reward_model_scores(model_cfg, rm, batch))
+    scorer = RewardModelReward(model_cfg, rm)      # rm's weights are jit arguments, not constants
 
     def reward_fn(rollout, problems) -> np.ndarray:
-        r_GxK = np.asarray(scorer(rollout.batch)).reshape(-1, k)
+        r_GxK = scorer(rollout).reshape(-1, k)
         return (r_GxK - r_GxK.mean(-1, keepdims=True)).reshape(-1)
     return reward_fn
 

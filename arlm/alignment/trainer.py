@@ -22,6 +22,7 @@ from arlm.objectives.kl import exact_token_kl
 from arlm.objectives.kl_regularized import KLObjective
 from arlm.objectives.sequences import policy_outputs
 from arlm.sharding import MeshConfig, batch_sharding, make_mesh, named, param_specs
+from arlm.train.loop import NonFiniteLossError
 from arlm.train.state import state_from_params
 from arlm.train.step import make_train_step
 
@@ -76,7 +77,7 @@ class Trainer:
             self.state, metrics = self._step(self.state, prepared, self.frozen)
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not np.isfinite(values["loss"]):
-            raise FloatingPointError(f"non-finite loss {values['loss']} at step {int(self.state.step)}")
+            raise NonFiniteLossError(f"non-finite loss {values['loss']} at step {int(self.state.step)}")
         return values
 
 
