@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -26,11 +26,18 @@ class DistributedConfig:
     local_devices: int | None = None    # CPU only: force this many local devices (tests)
 
     @classmethod
-    def from_env(cls) -> "DistributedConfig":
+    def from_env(cls, overrides: Mapping[str, Any] | None = None) -> "DistributedConfig":
+        """From the ARLM_* variables; fields set (not None) in `overrides` (e.g. a job config's
+        `distributed` section) take precedence."""
         env = os.environ
         local = env.get("ARLM_LOCAL_DEVICES")
-        return cls(env.get("ARLM_COORDINATOR"), int(env.get("ARLM_NUM_PROCESSES", "1")),
-                   int(env.get("ARLM_PROCESS_ID", "0")), int(local) if local else None)
+        cfg = cls(env.get("ARLM_COORDINATOR"), int(env.get("ARLM_NUM_PROCESSES", "1")),
+                  int(env.get("ARLM_PROCESS_ID", "0")), int(local) if local else None)
+        fields = {k: v for k, v in dict(overrides or {}).items() if v is not None}
+        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown distributed settings {sorted(unknown)}")
+        return dataclasses.replace(cfg, **fields)
 
 
 def initialize(cfg: DistributedConfig | None = None, *, auto: bool = False) -> None:
@@ -55,6 +62,32 @@ def put_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> di
     if jax.process_count() == 1:
         return jax.device_put(local_batch, sharding)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def is_main_process() -> bool:
+    """True on the process that writes logs, plots and summaries (process 0)."""
+    return jax.process_index() == 0
+
+
+def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's share of a global host batch that every process holds in full: rows
+    [p·B/n, (p+1)·B/n), the rows `put_batch` expects (like `make_train_dataset(process_index=…)`)."""
+    n, p = jax.process_count(), jax.process_index()
+    if n == 1:
+        return batch
+    rows = {v.shape[0] for v in batch.values()}
+    if len(rows) != 1 or next(iter(rows)) % n:
+        raise ValueError(f"a batch of {sorted(rows)} rows cannot be split equally over {n} processes")
+    share = next(iter(rows)) // n
+    return {k: v[p * share:(p + 1) * share] for k, v in batch.items()}
+
+
+def any_process(flag: bool) -> bool:
+    """True if `flag` is true on any process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
 
 
 def gather(tree: Any) -> Any:

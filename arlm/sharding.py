@@ -12,6 +12,13 @@ data × fsdp. Parameters are placed by rules, in two steps:
 Arrays without known roles (LoRA adapters, value heads) that are large enough are FSDP-split
 along their largest divisible axis. The leading layer axis of stacked params is never split.
 Optimizer state follows its parameters (`arlm.train.state.state_specs`).
+
+Activations follow the same rules through `constrain(x, logical axes)`, which the model calls at
+layer boundaries: while a mesh is active (`jax.set_mesh`, or `use_abstract_mesh` inside the train
+step and generation), the residual stream h [B, T, D] is split over the batch and replicated over
+"tensor", q/k/v over heads, the MLP hidden over "tensor". Without them XLA may keep FSDP-split weights
+in place and all-reduce D-split activations instead of gathering the weights. With no active mesh
+`constrain` is the identity, so the model is unchanged on one device.
 """
 
 from __future__ import annotations
@@ -143,6 +150,36 @@ def cache_spec(mesh: Mesh, batch: int, n_kv_heads: int) -> P:
     heads = mesh.shape["tensor"]
     return P(None, BATCH_AXES if rows > 1 and batch % rows == 0 else None, None,
              "tensor" if heads > 1 and n_kv_heads % heads == 0 else None, None)
+
+
+# Logical activation axis → mesh axes ("batch" rows go over data × fsdp, like the input batch).
+ACTIVATION_RULES: dict[str, tuple[str, ...]] = {"batch": BATCH_AXES, "heads": ("tensor",),
+                                                "kv_heads": ("tensor",), "mlp": ("tensor",),
+                                                "vocab": ("tensor",)}
+
+
+def activation_spec(mesh_shape: dict[str, int], shape: tuple[int, ...],
+                    axes: tuple[str | None, ...]) -> P | None:
+    """The PartitionSpec of an activation with logical `axes` on a mesh, or None if nothing splits.
+    Mesh axes the mesh lacks or of size 1 are dropped; a dimension they do not divide stays whole."""
+    if len(axes) != len(shape):
+        raise ValueError(f"activation of shape {shape} given {len(axes)} logical axes {axes}")
+    spec: list[Any] = []
+    for size, name in zip(shape, axes):
+        mesh_axes = tuple(a for a in ACTIVATION_RULES.get(name, ()) if mesh_shape.get(a, 1) > 1)
+        n = int(np.prod([mesh_shape[a] for a in mesh_axes])) if mesh_axes else 1
+        spec.append(None if n == 1 or size % n else (mesh_axes if len(mesh_axes) > 1 else mesh_axes[0]))
+    return P(*spec) if any(s is not None for s in spec) else None
+
+
+def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
+    """`x` laid out by its logical activation `axes` (e.g. "batch", None, "heads", None) on the active
+    mesh; the identity when no mesh is active or nothing would be split."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = activation_spec(dict(mesh.shape), tuple(x.shape), axes)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
 def named(mesh: Mesh, specs: Any) -> Any:

@@ -6,6 +6,10 @@
 Writes metrics.jsonl, TensorBoard events, checkpoints, loss_curve.png,
 samples.txt and summary.json into the workdir; rerunning with the same
 workdir resumes from its last checkpoint.
+
+Multi-host: start one copy per process with ARLM_COORDINATOR=host:port (of process 0),
+ARLM_NUM_PROCESSES and ARLM_PROCESS_ID set (or --config.distributed.*); every process
+must see the same workdir (a shared filesystem for the checkpoints).
 """
 
 import json
@@ -17,6 +21,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from arlm import distributed  # noqa: E402
 from arlm.train.pretrain_job import run_pretraining  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -26,7 +31,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
+    distributed.initialize(distributed.DistributedConfig.from_env(_CONFIG.value.get("distributed")))
     summary = run_pretraining(_CONFIG.value)
+    if not distributed.is_main_process():
+        return
     if summary.get("interrupted"):
         print(f"{summary['interrupted']}: checkpoint saved at step {summary['steps']}; rerun to resume")
         return

@@ -1,18 +1,23 @@
 """Multi-host (issue 6): 2 processes on localhost (CPU, 4 forced devices each, gloo collectives) train
 a few steps through `jax.distributed`, each loading only its half of every batch, and get the same
-losses and params as one process with 8 devices."""
+losses and params as one process with 8 devices; so does the main job (`run_pretraining`), which
+also stops every process together when only one of them receives SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_multihost_worker.py")
+JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_multihost_job.py")
 
 
 def _free_port() -> int:
@@ -51,3 +56,88 @@ def test_two_processes_train_like_one(tmp_path):
     assert keys and set(keys) == {k for k in b.files if k.startswith("[")}
     for k in keys:
         np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+def _start_job(workdir, steps, log_every, processes):
+    """The main job in `processes` processes (8 devices in all); returns the Popen objects."""
+    if processes == 1:
+        envs = [_env(local_devices=8)]
+    else:
+        port = _free_port()
+        envs = [_env(coordinator=f"localhost:{port}", num_processes=processes, process_id=i,
+                     local_devices=8 // processes) for i in range(processes)]
+    return [subprocess.Popen([sys.executable, JOB, str(workdir), str(steps), str(log_every)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for env in envs]
+
+
+def _finish(procs, timeout=400):
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    return outs
+
+
+def _records(workdir, split):
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def _checkpoint_params(workdir):
+    import jax
+    import orbax.checkpoint as ocp
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])    # saved on devices of 2 processes
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"),
+                               item_handlers=handlers) as manager:
+        step = manager.latest_step()
+        target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
+                                        manager.item_metadata(step)["state"])
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    return step, jax.tree_util.tree_leaves(jax.tree_util.tree_map(np.asarray, restored["state"]["params"]))
+
+
+@pytest.mark.slow
+def test_two_process_pretraining_job_matches_one_process(tmp_path):
+    """`run_pretraining` over 2 processes: same train and validation losses and final checkpoint as
+    1 process with the same 8-device mesh; only process 0 writes metrics, samples and the summary."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _finish(_start_job(one, 12, 1, 1))
+    _finish(_start_job(two, 12, 1, 2))
+    for split in ("train", "val"):
+        a, b = _records(one, split), _records(two, split)
+        assert [r["step"] for r in a] == [r["step"] for r in b] and a
+        np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-6)
+    step_a, params_a = _checkpoint_params(one)
+    step_b, params_b = _checkpoint_params(two)
+    assert step_a == step_b == 12
+    for x, y in zip(params_a, params_b):
+        np.testing.assert_allclose(y, x, rtol=0, atol=1e-6)
+    summary = json.load(open(two / "summary.json"))
+    assert summary["processes"] == 2 and len(summary["devices"]) == 8
+    assert (two / "samples.txt").exists() and (two / "loss_curve.png").exists()
+    np.testing.assert_allclose(summary["val_loss_nats_per_token"],
+                               json.load(open(one / "summary.json"))["val_loss_nats_per_token"], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(tmp_path):
+    steps, log_every = 400, 5
+    procs = _start_job(tmp_path, steps, log_every, 2)
+    t0 = time.time()
+    while len(_records(tmp_path, "train")) < 3:                  # process 0 logs steps 1, 5, 10, …
+        assert all(p.poll() is None for p in procs), _finish(procs)
+        assert time.time() - t0 < 300, "timed out waiting for the job"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)                         # only process 1 is told
+    outs = _finish(procs, timeout=120)
+    stopped = [int(o.rsplit("summary", 1)[1].split()[-1]) for o in outs]
+    assert stopped[0] == stopped[1] < steps and stopped[0] % log_every == 0, outs
+    summary = json.load(open(tmp_path / "summary.json"))        # written by process 0
+    assert summary["interrupted"] == "signal on another process" and summary["steps"] == stopped[0]
+    assert "SIGTERM" in outs[1].rsplit("summary", 1)[1]
+    assert _checkpoint_params(tmp_path)[0] == stopped[0]
+    _finish(_start_job(tmp_path, steps, log_every, 2))          # rerun: resumes and finishes
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["resumed_from"] == stopped[0] and summary["steps"] == steps

@@ -86,6 +86,18 @@ def pad_prompts(config: ModelConfig, prompts: Sequence[Sequence[int]] | np.ndarr
 def _generate(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Array, key: Array,
               stop_ids: Array, *, sampler: Sampler, max_new_tokens: int, pad_id: int, stream: bool,
               cache_sharding: NamedSharding | None = None):
+    if cache_sharding is not None:        # on a mesh, activations follow the rules too (`arlm.sharding`)
+        with jax.sharding.use_abstract_mesh(cache_sharding.mesh.abstract_mesh):
+            return _decode(config, params, prompt_BxP, start_B, key, stop_ids, sampler, max_new_tokens,
+                           pad_id, stream, cache_sharding)
+    return _decode(config, params, prompt_BxP, start_B, key, stop_ids, sampler, max_new_tokens, pad_id, stream,
+                   None)
+
+
+def _decode(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Array, key: Array, stop_ids: Array,
+            sampler: Sampler, max_new_tokens: int, pad_id: int, stream: bool,
+            cache_sharding: NamedSharding | None):
+    """Prefill the cache with the prompts, then decode up to `max_new_tokens` in a `lax.while_loop`."""
     b, p = prompt_BxP.shape
     n = max_new_tokens
     cache = _constrain(init_cache(config, b, p + n, start_B), cache_sharding)

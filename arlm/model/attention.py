@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from arlm.config import ModelConfig
 from arlm.model.layers import apply_rope, normal_init, rope_angles, trailing
+from arlm.sharding import constrain
 
 Array = jax.Array
 
@@ -76,7 +77,7 @@ class Attention(nn.Module):
         if cfg.use_bias:
             bias = self.param(name + "_bias", nn.initializers.zeros, (heads, cfg.head_dim))
             y = y + trailing(bias.astype(cfg.compute_dtype), y.ndim)
-        return y
+        return constrain(y, "batch", None, "heads" if heads == cfg.n_heads else "kv_heads", None)
 
     @nn.compact
     def __call__(self, h_BxTxD: Array, positions_BxT: Array, mask_BxTxS: Array,

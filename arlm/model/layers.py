@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from arlm.config import ModelConfig
+from arlm.sharding import constrain
 
 Array = jax.Array
 
@@ -93,6 +94,7 @@ class Mlp(nn.Module):
             gate = _dense(self, "w_gate", x, (d, f), cfg.init_std, cfg.use_bias, dt)
             up = _dense(self, "w_up", x, (d, f), cfg.init_std, cfg.use_bias, dt)
             hidden_BxTxF = jax.nn.silu(gate) * up
+        hidden_BxTxF = constrain(hidden_BxTxF, "batch", None, "mlp")
         return _dense(self, "w_out", hidden_BxTxF, (f, d), out_std, cfg.use_bias, dt)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from arlm.config import ModelConfig
 from arlm.model.attention import Attention, causal_mask
 from arlm.model.layers import MoE, Mlp, Norm, normal_init
+from arlm.sharding import constrain
 
 Array = jax.Array
 Params = Any
@@ -38,6 +39,7 @@ class Block(nn.Module):
     def __call__(self, carry: tuple[Array, Array], positions_BxT: Array, mask_BxTxS: Array,
                  cache_index: Array | None, kv_cache: tuple[Array, Array] | None):
         h_BxTxD, aux = carry
+        h_BxTxD = constrain(h_BxTxD, "batch", None, None)     # on a mesh: rows split, D whole
         attn_out, probs_BxHxTxS, kv_cache = Attention(self.config, name="attn")(
             Norm(self.config, name="attn_norm")(h_BxTxD), positions_BxT, mask_BxTxS, kv_cache, cache_index)
         h_BxTxD = h_BxTxD + attn_out.astype(jnp.float32)
@@ -47,7 +49,7 @@ class Block(nn.Module):
             aux = aux + layer_aux
         else:
             ffn_out = Mlp(self.config, name="mlp")(x)
-        h_BxTxD = h_BxTxD + ffn_out.astype(jnp.float32)
+        h_BxTxD = constrain(h_BxTxD + ffn_out.astype(jnp.float32), "batch", None, None)
         per_layer = (h_BxTxD, probs_BxHxTxS if self.return_attention else None, kv_cache)
         return (h_BxTxD, aux), per_layer
 
@@ -87,6 +89,7 @@ class Transformer(nn.Module):
         w_unembed = self.embed.T if cfg.tie_embeddings else self.unembed
         logits_BxTxV = jnp.einsum("btd,dv->btv", x, w_unembed.astype(cfg.compute_dtype),
                                   preferred_element_type=jnp.float32)   # eq. 6: W_U h_t^(L)
+        logits_BxTxV = constrain(logits_BxTxV, "batch", None, "vocab")
         hidden = jnp.concatenate([h0[None], hidden_LxBxTxD], axis=0)
         if kv_cache is not None:
             return logits_BxTxV, new_cache

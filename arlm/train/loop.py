@@ -8,6 +8,9 @@ SIGTERM and SIGINT (a scheduler's preemption notice, Ctrl-C) do not kill the
 run mid-step: the loop finishes the step in flight, saves a checkpoint, waits
 for it to be on disk and returns with `LoopResult.interrupted` set; a rerun
 resumes from it. A second signal while saving falls through to the default.
+In a multi-process run the processes agree every `log_every` steps whether any of
+them received a signal, and then all stop at the same step (a checkpoint save is
+a collective: one process stopping alone would leave the others waiting).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from arlm import distributed
 from arlm.train.checkpoint import Checkpointer
 from arlm.train.metrics import MetricsWriter
 from arlm.train.state import TrainState
@@ -117,6 +121,7 @@ def run_training(
 def _loop(state, train_step, train_iter, put_batch, cfg, bar, start_step, end_step, signals,
           evaluate, checkpointer, data_state, writer) -> LoopResult:
     last_eval: dict[str, float] = {}
+    interrupted: str | None = None
     pending: tuple[int, dict] | None = None
     tokens = 0
     t0 = time.perf_counter()
@@ -147,7 +152,8 @@ def _loop(state, train_step, train_iter, put_batch, cfg, bar, start_step, end_st
             if writer is not None:
                 writer.write(done, "val", last_eval)
             bar.write(f"step {done}: " + ", ".join(f"val_{k}={v:.4f}" for k, v in last_eval.items()))
-        final = done == end_step or bool(signals)
+        stop = _stop_requested(signals, done, end_step, cfg)
+        final = done == end_step or stop
         if checkpointer is not None and (final or checkpointer.should_save(done)):
             if pending is not None:      # never save a state whose loss was not checked
                 _report(pending, writer, bar, cfg)
@@ -155,13 +161,14 @@ def _loop(state, train_step, train_iter, put_batch, cfg, bar, start_step, end_st
             t_side = time.perf_counter()
             checkpointer.save(done, state, data_state() if data_state else None, force=True)
             side_seconds += time.perf_counter() - t_side
-        if signals:
-            bar.write(f"{signals[0]} received: stopped after step {done}"
+        if stop:
+            interrupted = signals[0] if signals else "signal on another process"
+            bar.write(f"{interrupted} received: stopped after step {done}"
                       + (", checkpoint saved" if checkpointer is not None else ""))
             break
     if pending is not None:
         _report(pending, writer, bar, cfg)
-    if evaluate is not None and not last_eval and not signals:    # e.g. rerun of a finished job
+    if evaluate is not None and not last_eval and interrupted is None:    # e.g. rerun of a finished job
         last_eval = evaluate(state)
     jax.block_until_ready(state)
     t_end = time.perf_counter()
@@ -171,7 +178,17 @@ def _loop(state, train_step, train_iter, put_batch, cfg, bar, start_step, end_st
     steady = t_end - t_steady - side_seconds if t_steady is not None else 0.0
     return LoopResult(state, tokens, t_end - t0, last_eval, None,
                       steady_tokens / steady if steady > 0 else float("nan"),
-                      interrupted=signals[0] if signals else None)
+                      interrupted=interrupted)
+
+
+def _stop_requested(signals: list[str], done: int, end_step: int, cfg: LoopConfig) -> bool:
+    """Whether to stop after step `done` on a signal: at once with one process; with several, at the
+    next step that is a multiple of `log_every` (or the last), if any process received one."""
+    if jax.process_count() == 1:
+        return bool(signals)
+    if done % cfg.log_every and done != end_step:
+        return False
+    return distributed.any_process(bool(signals))
 
 
 def _report(pending: tuple[int, dict], writer: MetricsWriter | None, bar: tqdm, cfg: LoopConfig) -> None:

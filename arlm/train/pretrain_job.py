@@ -4,6 +4,11 @@
 library function so tests can run the very same job on a tiny config.
 Outputs in `config.workdir`: metrics.jsonl, tensorboard/, checkpoints/,
 loss_curve.png, samples.txt and summary.json.
+
+Multi-host: after `arlm.distributed.initialize()` (which `experiments/pretrain.py` calls), every
+process runs this same function over one global mesh. Each process reads only its rows of every
+train and validation batch; checkpoints are written by all processes together; process 0 alone
+writes metrics, plots, samples and the summary.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from arlm import distributed
 from arlm.config import ModelConfig
 from arlm.data import pipeline
 from arlm.data.corpus import load_corpus
@@ -59,7 +65,7 @@ def make_evaluator(model_cfg: ModelConfig, batches: list[dict[str, np.ndarray]],
     def nll(params, batch):
         return pretrain_loss(model_cfg, params, batch)[1]["nll"]
 
-    device_batches = [put_batch(b) for b in batches]
+    device_batches = [put_batch(distributed.local_rows(b)) for b in batches]
 
     def evaluate(state) -> dict[str, float]:
         losses = [nll(state.params, b) for b in device_batches]
@@ -71,6 +77,7 @@ def run_pretraining(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Train, evaluate, checkpoint and report; returns the summary written to summary.json."""
     wall0 = time.perf_counter()
     workdir = config.workdir
+    main = distributed.is_main_process()
     os.makedirs(workdir, exist_ok=True)
     tokenizer, train_tokens, val_tokens = prepare_data(config)
     model_cfg = model_config_from(config.model, tokenizer.vocab_size)
@@ -85,34 +92,38 @@ def run_pretraining(config: ml_collections.ConfigDict) -> dict[str, Any]:
     state, state_sharding = create_train_state(lambda k: init_params(model_cfg, k), optimizer, mesh,
                                                mesh_cfg, config.seed)
     data_sharding = batch_sharding(mesh)
-    put_batch = lambda b: jax.device_put(b, data_sharding)  # noqa: E731
+    put_batch = lambda b: distributed.put_batch(b, data_sharding)  # noqa: E731
     train_step = make_train_step(make_lm_loss(model_cfg), optimizer, state_sharding, data_sharding,
                                  grad_accum=optim_cfg.grad_accum,
                                  lr_schedule=learning_rate_schedule(optim_cfg))
-    train_iter = pipeline.make_train_iterator(train_tokens, d.seq_len, d.batch_size, config.seed)
+    train_iter = pipeline.make_train_iterator(train_tokens, d.seq_len, d.batch_size, config.seed,
+                                              process_index=jax.process_index(),
+                                              process_count=jax.process_count())
     val = pipeline.val_batches(val_tokens, d.seq_len, d.batch_size, max_batches=d.eval_batches)
     evaluate = make_evaluator(model_cfg, val, put_batch)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.checkpoint_every,
                                 keep=t.keep_checkpoints)
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir) if main else None
     try:
         result = run_training(
             state, train_step, train_iter, put_batch,
             LoopConfig(total_steps=t.steps, eval_every=t.eval_every, log_every=t.log_every,
-                       progress=t.progress, stop_after=t.get("stop_after")),
+                       progress=t.progress and main, stop_after=t.get("stop_after")),
             evaluate=evaluate, checkpointer=checkpointer,
             data_state=lambda: pipeline.iterator_state_to_json(train_iter),
             restore_data=lambda s: pipeline.restore_iterator(train_iter, s),
             writer=writer)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         checkpointer.close()
 
     if result.interrupted:       # preempted: the checkpoint is what matters; skip sampling and plots
         summary = {"interrupted": result.interrupted, "steps": int(result.state.step),
                    "resumed_from": result.resumed_from, "wall_seconds": time.perf_counter() - wall0}
-        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+        if main:
+            with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=2)
         return summary
     val_tokens_used = np.concatenate([b["targets"].reshape(-1) for b in val])
     n_val_bytes = pipeline.count_bytes(tokenizer, val_tokens_used)
@@ -130,8 +141,12 @@ def run_pretraining(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "train_tokens_per_second": result.steady_tokens_per_second,
         "train_seconds": result.train_seconds,
         "devices": [str(x) for x in mesh.devices.flat],
+        "processes": jax.process_count(),
     }
-    samples = write_samples(config, model_cfg, result.state.params, tokenizer)
+    params = result.state.params if jax.process_count() == 1 else distributed.gather(result.state.params)
+    if not main:
+        return summary
+    samples = write_samples(config, model_cfg, params, tokenizer)
     plot_loss_curve(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss_curve.png"),
                     unigram=unigram)
     summary["wall_seconds"] = time.perf_counter() - wall0

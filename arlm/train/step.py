@@ -90,7 +90,13 @@ def make_train_step(
     state untouched (the step counter and RNG still advance: the batch is consumed) and reports
     metrics["skipped"] = 1; otherwise the loop stops on it (`arlm.train.loop`).
     """
+    mesh = batch_sharding.mesh
+
     def step(state: TrainState, batch: dict[str, Array], frozen: Any = None) -> tuple[TrainState, dict[str, Array]]:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):    # activations follow the mesh rules
+            return _step(state, batch, frozen)
+
+    def _step(state: TrainState, batch: dict[str, Array], frozen: Any) -> tuple[TrainState, dict[str, Array]]:
         fn = loss_fn if frozen_sharding is None else (lambda p, b: loss_fn(p, b, frozen))
         loss, grads, metrics = accumulate_gradients(fn, state.params, batch, grad_accum)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -108,7 +114,7 @@ def make_train_step(
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
         return new_state, metrics
 
-    replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
     in_shardings = (state_sharding, batch_sharding)
     if frozen_sharding is not None:
         in_shardings += (frozen_sharding,)

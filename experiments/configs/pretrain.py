@@ -32,6 +32,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.stop_after = config_dict.placeholder(int)
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, param_sharding="replicate"))
+    # Multi-host (`arlm.distributed`): unset fields come from ARLM_COORDINATOR, ARLM_NUM_PROCESSES,
+    # ARLM_PROCESS_ID, ARLM_LOCAL_DEVICES; with none, one process.
+    c.distributed = ml_collections.ConfigDict(dict(
+        coordinator=config_dict.placeholder(str), num_processes=config_dict.placeholder(int),
+        process_id=config_dict.placeholder(int), local_devices=config_dict.placeholder(int)))
 
     c.sample = ml_collections.ConfigDict(dict(
         prompts=["In the beginning", "And the LORD said unto Moses,", "Blessed are"],
