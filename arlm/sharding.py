@@ -158,10 +158,9 @@ ACTIVATION_RULES: dict[str, tuple[str, ...]] = {"batch": BATCH_AXES, "heads": ("
                                                 "vocab": ("tensor",)}
 
 
-def activation_spec(mesh_shape: dict[str, int], shape: tuple[int, ...],
-                    axes: tuple[str | None, ...]) -> P | None:
-    """The PartitionSpec of an activation with logical `axes` on a mesh, or None if nothing splits.
-    Mesh axes the mesh lacks or of size 1 are dropped; a dimension they do not divide stays whole."""
+def activation_spec(mesh_shape: dict[str, int], shape: tuple[int, ...], axes: tuple[str | None, ...]) -> P:
+    """The PartitionSpec of an array with logical `axes` on a mesh. Mesh axes the mesh lacks or of
+    size 1 are dropped; a dimension they do not divide, or with no rule, stays whole (replicated)."""
     if len(axes) != len(shape):
         raise ValueError(f"activation of shape {shape} given {len(axes)} logical axes {axes}")
     spec: list[Any] = []
@@ -169,17 +168,16 @@ def activation_spec(mesh_shape: dict[str, int], shape: tuple[int, ...],
         mesh_axes = tuple(a for a in ACTIVATION_RULES.get(name, ()) if mesh_shape.get(a, 1) > 1)
         n = int(np.prod([mesh_shape[a] for a in mesh_axes])) if mesh_axes else 1
         spec.append(None if n == 1 or size % n else (mesh_axes if len(mesh_axes) > 1 else mesh_axes[0]))
-    return P(*spec) if any(s is not None for s in spec) else None
+    return P(*spec)
 
 
 def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
-    """`x` laid out by its logical activation `axes` (e.g. "batch", None, "heads", None) on the active
-    mesh; the identity when no mesh is active or nothing would be split."""
+    """`x` laid out by its logical `axes` (e.g. "batch", None, "heads", None) on the active mesh,
+    dimensions without a rule whole; the identity when no mesh is active."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    spec = activation_spec(dict(mesh.shape), tuple(x.shape), axes)
-    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
+    return jax.lax.with_sharding_constraint(x, activation_spec(dict(mesh.shape), tuple(x.shape), axes))
 
 
 def named(mesh: Mesh, specs: Any) -> Any:

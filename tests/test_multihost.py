@@ -34,20 +34,38 @@ def _env(**arlm):
     return env
 
 
-@pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path):
+def _run_two_and_one(tmp_path, *args):
     single = tmp_path / "single.npz"
-    subprocess.run([sys.executable, WORKER, str(single)], env=_env(local_devices=8), check=True, timeout=300,
-                   capture_output=True)
+    subprocess.run([sys.executable, WORKER, str(single), *args], env=_env(local_devices=8), check=True,
+                   timeout=300, capture_output=True)
     port = _free_port()
     multi = tmp_path / "multi.npz"
-    procs = [subprocess.Popen([sys.executable, WORKER, str(multi)],
+    procs = [subprocess.Popen([sys.executable, WORKER, str(multi), *args],
                               env=_env(coordinator=f"localhost:{port}", num_processes=2, process_id=i,
                                        local_devices=4),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
-    a, b = np.load(single), np.load(multi)
+    return np.load(single), np.load(multi)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["grpo", "dpo"])
+def test_two_processes_run_alignment_updates_like_one(tmp_path, method):
+    """The alignment `Trainer` (π_ref frozen and sharded, dp2 × fsdp2 × tp2) over 2 processes that each
+    hold the same host batch: the same losses and params as one process, to float32 rounding."""
+    a, b = _run_two_and_one(tmp_path, "2", method)
+    assert int(a["processes"]) == 1 and int(b["processes"]) == 2
+    np.testing.assert_allclose(b["losses"], a["losses"], rtol=1e-6, atol=1e-7)
+    keys = [k for k in a.files if k.startswith("[")]
+    assert keys and set(keys) == {k for k in b.files if k.startswith("[")}
+    for k in keys:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+    a, b = _run_two_and_one(tmp_path)
     assert int(a["processes"]) == 1 and int(b["processes"]) == 2
     assert int(a["devices"]) == int(b["devices"]) == 8
     # Same mesh (data 4 × fsdp 2), same global batches, same reduction layout: equal to float32 rounding.

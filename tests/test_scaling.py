@@ -209,7 +209,7 @@ def test_activation_rules_split_rows_and_heads_and_leave_indivisible_dims_whole(
     mesh_shape = {"data": 2, "fsdp": 2, "tensor": 2}
     assert activation_spec(mesh_shape, (8, 5, 32), ("batch", None, None)) == P(("data", "fsdp"), None, None)
     assert activation_spec(mesh_shape, (8, 5, 6), ("batch", None, "mlp")) == P(("data", "fsdp"), None, "tensor")
-    assert activation_spec(mesh_shape, (6, 5, 3, 4), ("batch", None, "heads", None)) is None   # 4∤6, 2∤3
+    assert activation_spec(mesh_shape, (6, 5, 3, 4), ("batch", None, "heads", None)) == P(None, None, None, None)
     assert activation_spec({"data": 4, "fsdp": 1, "tensor": 1}, (8, 3), ("batch", "vocab")) == P("data", None)
     with pytest.raises(ValueError, match="logical axes"):
         activation_spec(mesh_shape, (8, 5), ("batch",))

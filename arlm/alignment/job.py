@@ -194,6 +194,11 @@ def run_alignment(config: ml_collections.ConfigDict) -> dict[str, Any]:
     unknown = [m for m in config.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; expected some of {METHODS}")
+    if jax.process_count() > 1:
+        raise NotImplementedError(
+            "the alignment job runs in one process (its rollouts and rewards are gathered on the host); "
+            "for multi-host alignment drive `arlm.alignment.Trainer` yourself: its updates are tested "
+            "over 2 processes (tests/test_multihost.py)")
     os.makedirs(config.workdir, exist_ok=True)
     metrics_path = os.path.join(config.workdir, "metrics.jsonl")
     if os.path.exists(metrics_path):

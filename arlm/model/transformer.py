@@ -133,7 +133,9 @@ def _embed_and_run(module: Transformer, tokens_BxT: Array):
 def embed_tokens(config: ModelConfig, params: Params, tokens_BxT: Array) -> Array:
     """E[x_t], float32 [B, T, D]: the input to `forward(..., embeddings=...)`."""
     check_token_ids(config, tokens_BxT)
-    return jnp.take(params["embed"], tokens_BxT, axis=0)
+    # On a mesh: gather the table's FSDP split first (the lookup then splits rows like the batch).
+    table_VxD = constrain(params["embed"], "vocab", None)
+    return constrain(jnp.take(table_VxD, tokens_BxT, axis=0), "batch", None, None)
 
 
 def apply_model(
