@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 
+import jax
 import pytest
 
 from arlm.alignment.job import METHODS, run_alignment
@@ -100,3 +101,27 @@ def test_align_job_smollm2_config_runs(tmp_path):
     run_alignment(c)
     summary = _check_outputs(c.workdir, c.methods)
     assert summary["start"]["model"] == "smollm2-135m-instruct"
+
+
+@pytest.mark.slow
+def test_sft_start_stops_at_the_first_check_that_reaches_the_target():
+    """π_ref of the CPU default is SFT-ed until its greedy answers solve `target_success` of the probe
+    problems: the run stops at the first check that reaches it, so one check earlier it had not."""
+    from arlm.alignment.job import _task_and_model, greedy_success
+
+    def start(**fields):
+        c = _config("align")
+        c.mesh.num_devices = 1
+        c.start.update(fields)
+        io, model_cfg, params, info = _task_and_model(c)
+        probe = io.task.problems(c.start.pool, "train")[:c.start.probe]
+        return info, float(greedy_success(io, model_cfg, params, probe, jax.random.PRNGKey(0))[0].mean())
+
+    info, success = start(target_success=0.3)
+    assert info["sft_probe_success"] == success >= 0.3          # re-measured on the returned params
+    steps = info["sft_steps"]
+    assert steps % 25 == 0 and 25 <= steps < 600, info
+    earlier, earlier_success = start(target_success=0.0, steps=steps - 25)
+    assert earlier == {"sft_steps": steps - 25} and earlier_success < 0.3
+    capped, capped_success = start(target_success=1.01, steps=30)   # unreachable: stops at the cap
+    assert capped == {"sft_steps": 30, "sft_probe_success": capped_success}
