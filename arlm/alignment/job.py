@@ -81,13 +81,12 @@ def _sft_start_model(cfg: ml_collections.ConfigDict, io: TaskIO) -> tuple[ModelC
     trainer = Trainer(objective, init_params(model_cfg, jax.random.PRNGKey(cfg.seed)),
                       optax.adamw(s.learning_rate, weight_decay=0.0), mesh=_mesh(cfg), seed=cfg.seed)
     pool = io.task.problems(s.pool, "train")
-    probe = pool[:s.get("probe", 256)]
-    target, check_every = s.get("target_success", 0.0), s.get("check_every", 25)
+    probe, target = pool[:s.probe], s.target_success
     rng = np.random.default_rng(cfg.seed)
     info: dict[str, Any] = {}
     for step in range(1, s.steps + 1):
         trainer.update(_answer_batch(io, [pool[i] for i in rng.integers(0, len(pool), s.batch_size)]))
-        if target > 0 and (step % check_every == 0 or step == s.steps):
+        if target > 0 and (step % s.check_every == 0 or step == s.steps):
             info = {"sft_steps": step, "sft_probe_success": float(
                 greedy_success(io, model_cfg, trainer.policy_params(), probe, jax.random.PRNGKey(cfg.seed))[0].mean())}
             if info["sft_probe_success"] >= target:
