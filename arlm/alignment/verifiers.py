@@ -47,6 +47,23 @@ class ExactMatch:
         return 1.0 if response == target else 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class ContainsAnswer:
+    """1 if the target occurs in the response as a whole word or phrase (case-folded by default), else 0.
+
+    "The capital is Paris." contains "Paris"; "Parisian" does not.
+    """
+
+    case_sensitive: bool = False
+
+    def __call__(self, response: str, target: str) -> float:
+        target = target.strip()
+        if not target:
+            return 0.0
+        flags = 0 if self.case_sensitive else re.IGNORECASE
+        return 1.0 if re.search(rf"(?<!\w){re.escape(target)}(?!\w)", response, flags) else 0.0
+
+
 # A number in free text. The sign counts only when it does not follow a word
 # character or a closing bracket, so "3-5" reads as 3 and 5 but "=-2" and
 # "is -2" as -2. "1,234" is one number only when every group after the first
@@ -212,6 +229,7 @@ def score(verifier: Verifier, responses: Sequence[str], targets: Sequence[str]) 
 
 VERIFIERS: dict[str, Callable[..., Verifier]] = {
     "exact_match": ExactMatch,
+    "contains": ContainsAnswer,
     "numeric": NumericAnswer,
     "regex": RegexFormat,
 }

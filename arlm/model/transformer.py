@@ -34,6 +34,7 @@ class Block(nn.Module):
 
     config: ModelConfig
     return_attention: bool = False
+    return_sublayers: bool = False     # also emit the attention and FFN outputs added to the residual
 
     @nn.compact
     def __call__(self, carry: tuple[Array, Array], positions_BxT: Array, mask_BxTxS: Array,
@@ -50,13 +51,15 @@ class Block(nn.Module):
         else:
             ffn_out = Mlp(self.config, name="mlp")(x)
         h_BxTxD = constrain(h_BxTxD + ffn_out.astype(jnp.float32), "batch", None, None)
-        per_layer = (h_BxTxD, probs_BxHxTxS if self.return_attention else None, kv_cache)
+        sublayers = (attn_out.astype(jnp.float32), ffn_out.astype(jnp.float32)) if self.return_sublayers else None
+        per_layer = (h_BxTxD, probs_BxHxTxS if self.return_attention else None, kv_cache, sublayers)
         return (h_BxTxD, aux), per_layer
 
 
 class Transformer(nn.Module):
     config: ModelConfig
     return_attention: bool = False
+    return_sublayers: bool = False
     last_logits_only: bool = False     # prefill: unembed only the last position ([B, 1, V])
 
     def setup(self) -> None:
@@ -69,7 +72,7 @@ class Transformer(nn.Module):
         scanned = nn.scan(
             Block, variable_axes={"params": 0}, split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.n_layers)
-        self.layers = scanned(cfg, self.return_attention)
+        self.layers = scanned(cfg, self.return_attention, self.return_sublayers)
         self.final_norm = Norm(cfg)
 
     def token_embeddings(self, tokens_BxT: Array) -> Array:
@@ -83,7 +86,7 @@ class Transformer(nn.Module):
         h0 = embeddings_BxTxD.astype(jnp.float32)
         if cfg.pos_embedding == "learned":
             h0 = h0 + jnp.take(self.pos_embed, positions_BxT, axis=0)       # eq. 1: E[x_t] + p_t
-        (h_L, aux), (hidden_LxBxTxD, probs_LxBxHxTxS, new_cache) = self.layers(
+        (h_L, aux), (hidden_LxBxTxD, probs_LxBxHxTxS, new_cache, sublayers) = self.layers(
             (h0, jnp.zeros((), jnp.float32)), positions_BxT, mask_BxTxS, cache_index, kv_cache)
         x = self.final_norm(h_L[:, -1:] if self.last_logits_only else h_L)
         w_unembed = self.embed.T if cfg.tie_embeddings else self.unembed
@@ -93,7 +96,7 @@ class Transformer(nn.Module):
         hidden = jnp.concatenate([h0[None], hidden_LxBxTxD], axis=0)
         if kv_cache is not None:
             return logits_BxTxV, new_cache
-        return logits_BxTxV, hidden, probs_LxBxHxTxS, aux
+        return logits_BxTxV, hidden, probs_LxBxHxTxS, aux, sublayers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,16 +108,22 @@ class ModelOutput:
       residual stream h^(ℓ) before the final norm; None unless requested.
     attention_probs: [L, B, H, T, S], α(t,s) of eq. 3; None unless requested.
     moe_aux_loss: the summed load-balancing loss over layers (0 for dense models).
+    attention_out / mlp_out: [L, B, T, D], what each layer's attention (W_O z_t, eq. 4) and
+      feed-forward block add to the residual stream (eq. 5), float32; None unless requested.
+      h^(ℓ) = h^(ℓ-1) + attention_out[ℓ-1] + mlp_out[ℓ-1].
     """
 
     logits_BxTxV: Array
     hidden_states: Array | None
     attention_probs: Array | None
     moe_aux_loss: Array
+    attention_out: Array | None = None
+    mlp_out: Array | None = None
 
 
 jax.tree_util.register_dataclass(
-    ModelOutput, data_fields=["logits_BxTxV", "hidden_states", "attention_probs", "moe_aux_loss"],
+    ModelOutput, data_fields=["logits_BxTxV", "hidden_states", "attention_probs", "moe_aux_loss",
+                              "attention_out", "mlp_out"],
     meta_fields=[])
 
 
@@ -148,6 +157,7 @@ def apply_model(
     attention_mask: Array | None = None,
     return_hidden: bool = False,
     return_attention: bool = False,
+    return_sublayers: bool = False,
 ) -> ModelOutput:
     """Run eqs. 1–6 on tokens [B, T] or on input embeddings [B, T, D].
 
@@ -159,6 +169,7 @@ def apply_model(
       attention_mask: optional bool [B, T] marking real (non-pad) tokens; keys
         at pad positions are never attended to.
       return_hidden / return_attention: also return h^(ℓ) and α(t,s).
+      return_sublayers: also return each layer's attention and FFN outputs.
     """
     if (tokens is None) == (embeddings is None):
         raise ValueError("pass exactly one of tokens=[B, T] or embeddings=[B, T, D]")
@@ -184,9 +195,11 @@ def apply_model(
         if attention_mask.shape != (b, t):
             raise ValueError(f"attention_mask must have shape {(b, t)}, got {attention_mask.shape}")
         mask_BxTxS = mask_BxTxS & attention_mask.astype(bool)[:, None, :]
-    logits, hidden, probs, aux = Transformer(config, return_attention=return_attention).apply(
+    logits, hidden, probs, aux, sublayers = Transformer(
+        config, return_attention=return_attention, return_sublayers=return_sublayers).apply(
         {"params": params}, embeddings, positions, mask_BxTxS)
-    return ModelOutput(logits, hidden if return_hidden else None, probs, aux)
+    attn_out, mlp_out = sublayers if return_sublayers else (None, None)
+    return ModelOutput(logits, hidden if return_hidden else None, probs, aux, attn_out, mlp_out)
 
 
 def forward(config: ModelConfig, params: Params, tokens: Array | None = None, **kwargs: Any) -> Array:

@@ -1,0 +1,131 @@
+"""One figure per study (`experiments/phenomena.py` writes it beside summary.json as S.png)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _errbar(ax, x, y, ci, **kw):
+    y = np.asarray(y, float)
+    ci = np.asarray(ci, float).reshape(-1, 2)
+    ax.errorbar(x, y, yerr=[y - ci[:, 0], ci[:, 1] - y], capsize=3, marker="o", **kw)
+
+
+def trace(s: dict[str, Any], ax_pair) -> None:
+    ax1, ax2 = ax_pair
+    ax1.barh([repr(t["token"]) for t in s["top"]][::-1], [t["prob"] for t in s["top"]][::-1])
+    ax1.set(xlabel=f"p(x_t+1) = softmax(z/τ), τ = {s['tau']}", title=f"next token after {s['prompt']!r}")
+    ax2.plot(s["residual_norms"], marker="o", label="‖h^(ℓ)‖ (last position)")
+    ax2.plot(range(1, len(s["attention_out_norms"]) + 1), s["attention_out_norms"], label="‖attention out‖")
+    ax2.plot(range(1, len(s["mlp_out_norms"]) + 1), s["mlp_out_norms"], label="‖MLP out‖")
+    ax2.set(xlabel="layer ℓ", yscale="log", title="the residual stream through the layers (eq. 5)")
+    ax2.legend(fontsize=8)
+
+
+def temperature(s: dict[str, Any], ax_pair) -> None:
+    ax1, ax2 = ax_pair
+    _errbar(ax1, s["tau"], s["accuracy"], s["ci95"], label="accuracy (verifier accepts)")
+    _errbar(ax1, s["tau"], s["hallucination"], s["hallucination_ci95"], label="Hall(θ) = P[reject] (eq. 19)")
+    ax1.set(xlabel="temperature τ", ylim=(-0.02, 1.02), title=f"temperature sweep, n = {s['n'][-1]} per τ (95% CI)")
+    ax1.legend(fontsize=8)
+    ax2.plot(s["tau"], s["distinct_1"], marker="o", label="distinct-1")
+    ax2.plot(s["tau"], s["distinct_2"], marker="o", label="distinct-2")
+    inj = s["error_injection"]
+    ax2.set(xlabel="temperature τ", ylim=(0, 1.02),
+            title=f"diversity; forced error followed in {inj['follow_rate']:.2f} (n={inj['n_injected']})")
+    ax2.legend(fontsize=8)
+
+
+def drift(s: dict[str, Any], ax_pair) -> None:
+    ax1, ax2 = ax_pair
+    layers = s["layers"]
+    for i, (norm, sig) in enumerate(s["top_singular_values"].items()):
+        sig = np.asarray(sig)                               # [layers, pairs, k]
+        for j, (t, src) in enumerate(s["pairs"]):
+            ax1.plot(layers, sig[:, j, 0], color=f"C{i}", linestyle=["-", "--", ":", "-."][j % 4], marker="o",
+                     label=f"{norm}, σ_max J(t={t}, s={src})")
+    ax1.axhspan(*s["band"], color="grey", alpha=0.15)
+    ax1.axhline(1.0, color="k", linewidth=0.8)
+    ax1.set(xlabel="layer ℓ", ylabel="top singular value", yscale="log",
+            title="J_ℓ(t, s) = ∂h_t^(ℓ)/∂h_s^(0) (eq. 19); band = 'near unit'")
+    ax1.legend(fontsize=6)
+    p = s["perturbation"]
+    gain = np.asarray(p["relative_gain_LxT"][str(p["relative_eps"][-1])])
+    im = ax2.imshow(np.log10(np.maximum(gain, 1e-6)), aspect="auto", origin="lower", cmap="viridis")
+    ax2.set(xlabel="position t", ylabel="layer ℓ",
+            title=f"log10 relative gain of a perturbation at s={p['s']} (ε = {p['relative_eps'][-1]})")
+    ax2.figure.colorbar(im, ax=ax2)
+
+
+def sycophancy(s: dict[str, Any], ax_pair) -> None:
+    ax1, ax2 = ax_pair
+    names = list(s["conditions"])
+    c = s["conditions"]
+    _errbar(ax1, range(len(names)), [c[n]["flip_rate"] for n in names], [c[n]["ci95"] for n in names],
+            linestyle="none")
+    ax1.set_xticks(range(len(names)), names)
+    ax1.set(ylim=(-0.02, 1.02), ylabel="flip rate (over baseline-correct items)",
+            title=f"sycophancy (eq. 20); baseline accuracy {s['baseline_accuracy']:.2f}, "
+                  f"n = {s['n_baseline_correct']}")
+    _errbar(ax2, range(len(names)), [c[n]["log_odds_shift"] for n in names],
+            [c[n]["log_odds_shift_ci95"] for n in names], linestyle="none")
+    ax2.axhline(0, color="k", linewidth=0.8)
+    ax2.set_xticks(range(len(names)), names)
+    ax2.set(ylabel="shift of log π(wrong)/π(correct) (nats)", title="toward the opinion > 0")
+
+
+def icl(s: dict[str, Any], ax_pair) -> None:
+    ax1, ax2 = ax_pair
+    for i, (name, t) in enumerate(s["tasks"].items()):
+        x = np.asarray(t["k"], float)
+        _errbar(ax1, x, t["accuracy"], t["ci95"], color=f"C{i}", label=f"{name}")
+        _errbar(ax1, x + 0.1, t["random_label_accuracy"], t["random_label_ci95"], color=f"C{i}", linestyle="--",
+                label=f"{name}, random labels")
+    ax1.set(xscale="symlog", xlabel="demonstrations k", ylabel="accuracy", ylim=(-0.02, 1.02),
+            title="in-context learning (eq. 21), 95% CI")
+    ax1.legend(fontsize=8)
+    sc = s["icl_score"]
+    loss = np.asarray(sc["loss_per_position"])
+    ax2.plot(np.arange(1, len(loss) + 1), loss, linewidth=0.8)
+    for (a, b), lab in ((sc["early"], "early"), (sc["late"], "late")):
+        ax2.axvspan(a, b, alpha=0.2, label=lab)
+    ax2.set(xscale="log", xlabel="token position", ylabel="mean loss (nats)",
+            title=f"ICL score (late − early) = {sc['score']:+.3f}")
+    ax2.legend(fontsize=8)
+
+
+def cot_rag(s: dict[str, Any], ax_pair) -> None:
+    ax1, ax2 = ax_pair
+    names = ["none", "retrieved", "distractor"]
+    _errbar(ax1, range(3), [s[n] for n in names], [s[f"{n}_ci95"] for n in names], linestyle="none")
+    ax1.set_xticks(range(3), ["no context", "retrieved passage", "distractor"])
+    ax1.set(ylim=(-0.02, 1.02), ylabel="accuracy",
+            title=f"RAG on invented facts (eq. 22), n = {s['n']}; retriever top-1 {s['retrieval_accuracy']:.2f}")
+    c = s["cot"]
+    names = ["direct", "single_chain", "majority_vote"]
+    _errbar(ax2, range(3), [c[n]["rate"] for n in names], [c[n]["ci95"] for n in names], linestyle="none")
+    ax2.set_xticks(range(3), ["direct", "one chain", f"majority of {c['n_chains']}"])
+    ax2.set(ylim=(-0.02, 1.02), ylabel="accuracy", title=f"chain of thought on arithmetic, τ = {c['tau']}")
+
+
+PLOTS = {"trace": trace, "temperature": temperature, "drift": drift, "sycophancy": sycophancy, "icl": icl,
+         "cot_rag": cot_rag}
+
+
+def save(study: str, summary: dict[str, Any], path: str) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    PLOTS[study](summary, axes)
+    fig.suptitle(summary.get("verdict", ""), fontsize=8, wrap=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

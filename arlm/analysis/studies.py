@@ -1,0 +1,235 @@
+"""Each claim of the paper's analysis half as one study: run on a loaded model, return `summary.json`'s
+dict, and draw its plot (`arlm.analysis.plots`). `experiments/phenomena.py --config.study=S` runs one.
+
+Every summary carries "claim" (what the paper says, with its equation) and "verdict" (what this
+measurement says about it), so a refuted claim is reported as plainly as a confirmed one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arlm.alignment.verifiers import ContainsAnswer
+from arlm.analysis import cot, drift, hallucination, icl, items as item_sets, plots, retrieval, sycophancy
+from arlm.analysis.rates import Rate
+from arlm.analysis.textgen import progress_bar
+from arlm.analysis.trace import trace_step
+from arlm.checkpoints import LoadedModel, load
+from arlm.model import embed_tokens
+
+Study = Callable[[LoadedModel, Any, jax.Array], dict[str, Any]]
+
+
+def _items(cfg: Any, study: str, default: str) -> list[dict[str, Any]]:
+    rows = item_sets.load_items(cfg["items"] or default, study)
+    return rows[:cfg.n_items] if cfg.n_items else rows
+
+
+def trace(model: LoadedModel, cfg: Any, key: jax.Array) -> dict[str, Any]:
+    """First experiment 1: one generation step, ids → embeddings → layers → logits → softmax(z/τ) → sample."""
+    ids = model.tokenizer.encode(cfg.prompt)
+    tr = trace_step(model.config, model.params, ids, tau=cfg.tau, key=key, top=10)
+    dec = model.tokenizer.decode
+    return {"claim": "one step maps ids through eqs. 1–6 to softmax(z/τ), a distribution that sums to 1 (eq. 16)",
+            "verdict": f"probabilities sum to {tr['prob_sum']:.9f}",
+            "prompt": cfg.prompt, "tokens": [dec([t]) for t in ids], "tau": cfg.tau,
+            "prob_sum": tr["prob_sum"], "sampled": dec([tr["sampled"]]),
+            "top": [{"token": dec([i]), "prob": p} for i, p in zip(tr["top_ids"], tr["top_probs"])],
+            "residual_norms": tr["residual_norms"], "attention_out_norms": tr["attention_out_norms"],
+            "mlp_out_norms": tr["mlp_out_norms"], "logit_lens_top": [dec([t]) for t in tr["lens_top"]],
+            "embedding_norms": tr["embedding_norms"]}
+
+
+def temperature(model: LoadedModel, cfg: Any, key: jax.Array) -> dict[str, Any]:
+    """First experiment 3 and eq. 19: accuracy, Hall(θ) and distinct-n against τ; error injection."""
+    rows = _items(cfg, "temperature", "capital_questions")
+    verifier = ContainsAnswer()
+    k1, k2 = jax.random.split(key)
+    sweep = hallucination.temperature_sweep(model, rows, verifier, key=k1, taus=tuple(cfg.taus),
+                                            samples_per_item=cfg.samples_per_item, max_new_tokens=cfg.max_new_tokens,
+                                            batch_size=cfg.batch_size, progress=True)
+    inj = hallucination.error_injection(model, rows, verifier, key=k2, max_new_tokens=cfg.max_new_tokens,
+                                        batch_size=cfg.batch_size, progress=True)
+    acc = sweep["accuracy"]
+    falls = all(a >= b - 1e-12 for a, b in zip(acc, acc[1:]))
+    sweep.update(
+        claim="higher τ raises diversity and hallucination (first experiment 3, eq. 19); an early error "
+              "propagates rather than being corrected (eq. 19)",
+        verdict=(f"accuracy {acc[0]:.2f} at τ={sweep['tau'][0]} → {acc[-1]:.2f} at τ={sweep['tau'][-1]} "
+                 f"({'monotone' if falls else 'not monotone'}); distinct-2 {sweep['distinct_2'][0]:.2f} → "
+                 f"{sweep['distinct_2'][-1]:.2f}; after a forced wrong token the continuation follows the error "
+                 f"in {inj['follow_rate']:.2f} of {inj['n_injected']} cases"),
+        error_injection=inj, n_items=len(rows))
+    return sweep
+
+
+def drift_study(model: LoadedModel, cfg: Any, key: jax.Array) -> dict[str, Any]:
+    """Eq. 19: top singular values of J_ℓ(t, s) under each normalisation, and finite perturbations."""
+    mc = model.config
+    ids = model.tokenizer.encode(cfg.prompt)
+    t_last = len(ids) - 1
+    emb = embed_tokens(mc, model.params, jnp.asarray([ids], jnp.int32))[0]
+    layers = [layer for layer in cfg.layers if layer <= mc.n_layers]
+    pairs = [(t_last, t_last)] + [(t_last, t_last - d) for d in cfg.offsets if 0 < d <= t_last]
+    L, T, S = drift.block_grid(layers, pairs)
+    out: dict[str, Any] = {"prompt": cfg.prompt, "layers": layers, "pairs": [list(p) for p in pairs], "k": cfg.k,
+                           "band": list(cfg.band), "top_singular_values": {}, "fraction_near_unit": {}}
+    bar = progress_bar(len(cfg.normalisations), "Jacobian spectra")
+    right = None
+    raw = None
+    for norm in cfg.normalisations:
+        if norm == "relative" and raw is not None:      # the raw spectrum rescaled: no second Lanczos run
+            sig = raw * np.asarray(drift.relative_scale(mc, model.params, emb, L, T, S))[:, None]
+        else:
+            sig, r = drift.block_singular_values(mc, model.params, emb, L, T, S, key, k=cfg.k, steps=cfg.steps,
+                                                 normalisation=norm)
+            sig = np.asarray(sig)
+            if norm == "raw":
+                raw, right = sig, np.asarray(r)
+        out["top_singular_values"][norm] = sig.reshape(len(layers), len(pairs), cfg.k).tolist()
+        out["fraction_near_unit"][norm] = drift.fraction_in_band(sig, tuple(cfg.band))
+        bar.update(1)
+    bar.close()
+    s_pert = pairs[-1][1]
+    direction = right[-1] if right is not None else np.random.default_rng(0).standard_normal(mc.d_model)
+    scale = float(jnp.linalg.norm(emb[s_pert]))
+    resp = {str(e): np.asarray(drift.perturbation_response(mc, model.params, emb, s_pert, jnp.asarray(direction),
+                                                          e * scale) * scale / np.linalg.norm(
+        np.asarray(drift.hidden_states(mc, model.params, emb)), axis=-1)).tolist() for e in cfg.eps}
+    out["perturbation"] = {"s": s_pert, "relative_eps": list(cfg.eps), "relative_gain_LxT": resp,
+                           "note": "‖Δh_t^ℓ‖/‖h_t^ℓ‖ divided by ε = ‖Δh_s^0‖/‖h_s^0‖, along the top raw singular "
+                                   "direction of the last block"}
+    fr = out["fraction_near_unit"]
+    out["claim"] = "singular values of J_ℓ(t, s) are near 1 in semantic directions: deviations propagate neutrally"
+    out["verdict"] = ("fraction of the top-%d singular values within [%g, %g]: " % (cfg.k, *cfg.band)
+                      + ", ".join(f"{n} {v:.2f}" for n, v in fr.items()))
+    return out
+
+
+def sycophancy_study(model: LoadedModel, cfg: Any, key: jax.Array) -> dict[str, Any]:
+    """Eq. 20: flip rates and log-odds shifts under a user's, an expert's opinion and 'Are you sure?'."""
+    del key
+    rows = _items(cfg, "sycophancy", "mcq")
+    n_choices = sum(len(it["choices"]) for it in rows)
+    bar = progress_bar(n_choices * (1 + len(sycophancy.CONDITIONS)), "scoring choices (at most)")
+    out = sycophancy.sycophancy_study(sycophancy.model_scorer(model, batch_size=cfg.batch_size, progress=bar), rows)
+    bar.close()
+    conds = out["conditions"]
+    out["claim"] = "a user's stated opinion shifts π_θ toward agreement (eq. 20)"
+    out["verdict"] = "; ".join(f"{c}: flip rate {v['flip_rate']:.2f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}] "
+                               f"(n={v['n']}), log-odds shift {v['log_odds_shift']:+.2f}" for c, v in conds.items())
+    return out
+
+
+def icl_study(model: LoadedModel, cfg: Any, key: jax.Array) -> dict[str, Any]:
+    """Eq. 21: accuracy against k with the random-label control, per task, and the per-position ICL score."""
+    tasks = {cfg["items"]: item_sets.load_items(cfg["items"], "icl")} if cfg["items"] else {
+        name: item_sets.load_items(name, "icl") for name in cfg.tasks}
+    n_calls = len(tasks) * 2 * len(cfg.ks) * cfg.n_queries
+    bar = progress_bar(n_calls, "ICL prompts")
+    pred = icl.model_predictor(model, key=key, batch_size=cfg.batch_size, progress=bar)
+    per_task = {}
+    for name, rows in tasks.items():
+        gold = icl.icl_curve(pred, rows, ks=tuple(cfg.ks), n_queries=cfg.n_queries, seed=cfg.seed)
+        rand = icl.icl_curve(pred, rows, ks=tuple(cfg.ks), n_queries=cfg.n_queries, seed=cfg.seed,
+                             random_labels=True)
+        per_task[name] = {"k": gold["k"], "accuracy": gold["accuracy"], "ci95": gold["ci95"], "n": gold["n"],
+                          "random_label_accuracy": rand["accuracy"], "random_label_ci95": rand["ci95"],
+                          "examples": [t for t in gold["trials"][-1][:3]]}
+    bar.close()
+    first = next(iter(per_task.values()))
+    out = {"k": first["k"], "accuracy": first["accuracy"], "ci95": first["ci95"],
+           "random_label_accuracy": first["random_label_accuracy"], "task": next(iter(per_task)), "tasks": per_task}
+    out["icl_score"] = _icl_score(model, cfg)
+    ks = first["k"]
+    i0, i8 = ks.index(0) if 0 in ks else 0, ks.index(8) if 8 in ks else len(ks) - 1
+    out["claim"] = "p_θ(y | P, x) improves with the number k of demonstrations (eq. 21)"
+    out["verdict"] = "; ".join(
+        f"{n}: accuracy {v['accuracy'][i0]:.2f} at k={ks[i0]} → {v['accuracy'][i8]:.2f} at k={ks[i8]} "
+        f"(random labels: {v['random_label_accuracy'][i8]:.2f})" for n, v in per_task.items()
+    ) + f"; ICL score {out['icl_score']['score']:+.3f} nats"
+    return out
+
+
+def _icl_score(model: LoadedModel, cfg: Any) -> dict[str, Any]:
+    """Olsson et al.'s score on contexts of the bundled corpus: loss late in the context − loss early."""
+    from arlm.data.corpus import load_corpus
+
+    text = load_corpus()
+    n, t = cfg.icl_contexts, cfg.icl_length
+    ids = model.tokenizer.encode(text[:n * t * 8])
+    if len(ids) < n * t:
+        raise ValueError(f"the corpus gave {len(ids)} tokens, need {n * t}")
+    tokens = jnp.asarray(np.asarray(ids[:n * t], np.int32).reshape(n, t))
+    loss = np.asarray(jax.jit(icl.per_position_loss, static_argnums=0)(model.config, model.params, tokens))
+    early, late = (t // 10, t // 10 + t // 20), (t - t // 10, t - 1)
+    return {"score": icl.icl_score(loss, early, late), "early": list(early), "late": list(late),
+            "loss_per_position": loss.tolist(), "contexts": n}
+
+
+def cot_rag(model: LoadedModel, cfg: Any, key: jax.Array) -> dict[str, Any]:
+    """Eq. 22: retrieval-augmented answers on invented facts (none / retrieved / distractor) with a lexical
+    and a hidden-state retriever, and chain of thought by Monte Carlo (majority vote) against direct answers."""
+    rows = _items(cfg, "cot_rag", "invented_facts")
+    verifier = ContainsAnswer()
+    k1, k2 = jax.random.split(key)
+    bar = progress_bar(3 * len(rows) + cfg.cot_items * (1 + cfg.n_chains), "RAG and CoT")
+    out = retrieval.rag_study(model, rows, retrieval.LexicalRetriever, verifier, key=k1,
+                              batch_size=cfg.batch_size, progress=bar)
+    passages = [" ".join(it["facts"]) for it in rows]
+    hidden = retrieval.HiddenStateRetriever(model, passages)
+    out["hidden_state_retrieval_accuracy"] = Rate.of(
+        [int(hidden.ranking(it["question"])[0]) == i for i, it in enumerate(rows)]).value
+    arith = item_sets.load_items("arithmetic", "temperature")[:cfg.cot_items]
+    c = cot.cot_vs_direct(model, arith, key=k2, n_chains=cfg.n_chains, temperature=cfg.cot_tau,
+                          batch_size=cfg.batch_size, progress=bar)
+    bar.close()
+    direct, voted, chains = Rate.of(c["direct_correct"]), Rate.of(c["cot_correct"]), Rate.of(c["chain_correct"])
+    out["cot"] = {"direct": direct.to_dict(), "majority_vote": voted.to_dict(), "single_chain": chains.to_dict(),
+                  "n_chains": cfg.n_chains, "tau": cfg.cot_tau, "examples": c["examples"]}
+    out["claim"] = ("retrieval conditions the answer on knowledge the weights lack, p(y | x, retrieve(x)); chains of "
+                    "thought marginalise p(y|x) = Σ_c p(c|x) p(y|x,c) (eq. 22)")
+    out["verdict"] = (f"invented facts: {out['none']:.2f} without context, {out['retrieved']:.2f} with the retrieved "
+                      f"passage, {out['distractor']:.2f} with a distractor; arithmetic: direct {direct.value:.2f}, "
+                      f"CoT majority of {cfg.n_chains} {voted.value:.2f}")
+    return out
+
+
+STUDIES: dict[str, Study] = {"trace": trace, "temperature": temperature, "drift": drift_study,
+                             "sycophancy": sycophancy_study, "icl": icl_study, "cot_rag": cot_rag}
+
+
+def run_study(cfg: Any, model: LoadedModel | None = None) -> dict[str, Any]:
+    """Run `cfg.study` (loading `cfg.model` unless a model is given), write summary.json and <study>.png
+    into cfg.workdir (default runs/phenomena/<study>/), and return the summary.
+
+    cfg: the ConfigDict of `experiments/configs/phenomena.py`; with cfg.size == "large" its LARGE
+    overrides (cfg.large) replace the CPU defaults.
+    """
+    if cfg.study not in STUDIES:
+        raise ValueError(f"unknown study {cfg.study!r}; choose one of {sorted(STUDIES)}")
+    if cfg.size not in ("small", "large"):
+        raise ValueError(f"size must be 'small' or 'large', got {cfg.size!r}")
+    if cfg.size == "large":
+        cfg = cfg.copy_and_resolve_references()
+        for k, v in cfg.large.items():
+            cfg[k] = v
+    workdir = cfg.workdir or os.path.join("runs", "phenomena", cfg.study)
+    os.makedirs(workdir, exist_ok=True)
+    t0 = time.perf_counter()
+    model = model if model is not None else load(cfg.model)
+    summary = STUDIES[cfg.study](model, cfg, jax.random.PRNGKey(cfg.seed))
+    summary.update(study=cfg.study, model=cfg.model, size=cfg.size, seconds=round(time.perf_counter() - t0, 1))
+    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1, default=float)
+    plots.save(cfg.study, summary, os.path.join(workdir, f"{cfg.study}.png"))
+    print(f"[{cfg.study}] {summary['claim']}\n  → {summary['verdict']}\n  outputs in {os.path.abspath(workdir)} "
+          f"({summary['seconds']} s)")
+    return summary

@@ -1,0 +1,30 @@
+"""The paper's analysis half, one study per command (eqs. 19–22 and the first experiments).
+
+    python experiments/phenomena.py --config.study=S      S ∈ trace, temperature, drift, sycophancy, icl, cot_rag
+
+Loads `--config.model` (default SmolLM2-135M-Instruct; any path `arlm.load` takes), runs the study
+of `arlm.analysis.studies`, and writes summary.json and S.png into --config.workdir (default
+runs/phenomena/S/). Each summary states the paper's claim and what the measurement says about it.
+"""
+
+import os
+import sys
+
+from absl import app
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from arlm.analysis.studies import run_study  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "configs", "phenomena.py"), "study config")
+
+
+def main(argv):
+    del argv
+    run_study(_CONFIG.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
