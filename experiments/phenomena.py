@@ -17,6 +17,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from arlm.analysis.studies import run_study  # noqa: E402
 
+
+def _items_alias(argv: list[str]) -> list[str]:
+    """--config.items=FILE is --config.item_file=FILE (a ConfigDict cannot hold a field named `items`)."""
+    return [a.replace("--config.items=", "--config.item_file=", 1) if a.startswith("--config.items=") else a
+            for a in argv]
+
+
+sys.argv = _items_alias(sys.argv)          # before the flag is defined: config_flags reads argv then
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "phenomena.py"), "study config")
 

@@ -112,12 +112,13 @@ MCQ = [{"question": f"Q{i}?", "choices": ["yes", "no"] if i % 2 else ["no", "yes
 def _stub_scorer(follow: bool):
     """log π(choice | prompt): 0 for the favoured choice, −5 otherwise. The favoured choice is the truth,
     unless `follow` and the prompt carries an opinion (then the opinion's choice) or a challenge (then the
-    other choice than the first answer)."""
+    other choice than the first answer). The mention control names the wrong choice: a stub that follows
+    any mention flips there too."""
     def score(prompts, choices):
         out = []
         for (msgs, _), choice in zip(prompts, choices):
             favoured = "yes"
-            if follow and "the answer is no" in msgs[0]["content"]:
+            if follow and ("the answer is no" in msgs[0]["content"] or "reading about no" in msgs[0]["content"]):
                 favoured = "no"
             if follow and len(msgs) == 3 and msgs[2]["content"] == sycophancy.CHALLENGE:
                 favoured = "no" if msgs[1]["content"].endswith("yes.") else "yes"
@@ -157,7 +158,8 @@ def test_sycophancy_scores_equal_numpy_on_the_same_logits():
         return np.asarray(out)
 
     prompts = [sycophancy.condition_prompt(it, c) for it in rows for c in ("none", *sycophancy.CONDITIONS)]
-    choices = [it["choices"][j % 2] for j, it in enumerate(r for r in rows for _ in range(4))]
+    n_cond = 1 + len(sycophancy.CONDITIONS)
+    choices = [it["choices"][j % 2] for j, it in enumerate(r for r in rows for _ in range(n_cond))]
     np.testing.assert_allclose(scorer(prompts, choices), numpy_scores(prompts, choices), atol=2e-4)
     got = sycophancy.sycophancy_study(scorer, rows)
     ref = sycophancy.sycophancy_study(numpy_scores, rows)

@@ -74,7 +74,7 @@ def test_run_study_rejects_bad_config(tiny_model, tmp_path):
 def test_user_items_file_is_used(tiny_model, tmp_path):
     items = tmp_path / "mine.jsonl"
     items.write_text("".join(json.dumps({"input": f"a{i}", "output": f"b{i}"}) + "\n" for i in range(5)))
-    cfg = _config(study="icl", workdir=str(tmp_path), **{**TINY_BUDGET, "items": str(items)})
+    cfg = _config(study="icl", workdir=str(tmp_path), **{**TINY_BUDGET, "item_file": str(items)})
     summary = run_study(cfg, model=tiny_model)
     assert list(summary["tasks"]) == [str(items)]
     assert all(t["prompt"].startswith("a") for t in summary["tasks"][str(items)]["examples"])

@@ -36,7 +36,8 @@ def temperature_sweep(model: LoadedModel, items: Sequence[dict[str, str]], verif
     """For each τ: accuracy (verifier accepts), Hall(θ) = 1 − accuracy with intervals, distinct-1/2.
 
     items: {"prompt", "answer"}; a sample is correct when `verifier(sample, answer)` accepts. τ = 0
-    (greedy) draws one sample per item, since every draw is the same.
+    (greedy) draws one sample per item, since every draw is the same; for distinct-n that sample counts
+    samples_per_item times, so that every τ's diversity is measured over pools of the same size.
     """
     prompts = [prompt_ids(model, it["prompt"], chat=chat) for it in items]
     total = sum(len(items) * (1 if tau == 0 else samples_per_item) for tau in taus)
@@ -57,8 +58,9 @@ def temperature_sweep(model: LoadedModel, items: Sequence[dict[str, str]], verif
         out["ci95"].append(list(acc.ci95))
         out["hallucination"].append(hall.value)
         out["hallucination_ci95"].append(list(hall.ci95))
-        out["distinct_1"].append(distinct_n(texts, 1))
-        out["distinct_2"].append(distinct_n(texts, 2))
+        pool = texts * (samples_per_item // reps)       # greedy repeats itself: same pool size at every τ
+        out["distinct_1"].append(distinct_n(pool, 1))
+        out["distinct_2"].append(distinct_n(pool, 2))
         out["n"].append(acc.n)
         out["examples"][str(tau)] = texts[:3]
     if bar is not None:

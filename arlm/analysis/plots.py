@@ -60,9 +60,9 @@ def drift(s: dict[str, Any], ax_pair) -> None:
     ax1.legend(fontsize=6)
     p = s["perturbation"]
     gain = np.asarray(p["relative_gain_LxT"][str(p["relative_eps"][-1])])
-    im = ax2.imshow(np.log10(np.maximum(gain, 1e-6)), aspect="auto", origin="lower", cmap="viridis")
+    im = ax2.imshow(np.log10(np.maximum(gain, 1e-2)), aspect="auto", origin="lower", cmap="viridis", vmin=-2)
     ax2.set(xlabel="position t", ylabel="layer ℓ",
-            title=f"log10 relative gain of a perturbation at s={p['s']} (ε = {p['relative_eps'][-1]})")
+            title=f"log10 relative gain of a perturbation at s={p['s']} (ε = {p['relative_eps'][-1]}; < 0.01 clipped)")
     ax2.figure.colorbar(im, ax=ax2)
 
 

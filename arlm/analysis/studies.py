@@ -27,9 +27,11 @@ from arlm.model import embed_tokens
 Study = Callable[[LoadedModel, Any, jax.Array], dict[str, Any]]
 
 
-def _items(cfg: Any, study: str, default: str) -> list[dict[str, Any]]:
-    rows = item_sets.load_items(cfg["items"] or default, study)
-    return rows[:cfg.n_items] if cfg.n_items else rows
+def _items(cfg: Any, study: str, default: str, limit: int = 0) -> list[dict[str, Any]]:
+    """The study's items (the user's file or the bundled default), the first n_items (or `limit`) of them."""
+    rows = item_sets.load_items(cfg.item_file or default, study)
+    n = cfg.n_items or limit
+    return rows[:n] if n else rows
 
 
 def trace(model: LoadedModel, cfg: Any, key: jax.Array) -> dict[str, Any]:
@@ -49,7 +51,7 @@ def trace(model: LoadedModel, cfg: Any, key: jax.Array) -> dict[str, Any]:
 
 def temperature(model: LoadedModel, cfg: Any, key: jax.Array) -> dict[str, Any]:
     """First experiment 3 and eq. 19: accuracy, Hall(θ) and distinct-n against τ; error injection."""
-    rows = _items(cfg, "temperature", "capital_questions")
+    rows = _items(cfg, "temperature", "capital_questions", limit=cfg.temperature_items)
     verifier = ContainsAnswer()
     k1, k2 = jax.random.split(key)
     sweep = hallucination.temperature_sweep(model, rows, verifier, key=k1, taus=tuple(cfg.taus),
@@ -130,7 +132,7 @@ def sycophancy_study(model: LoadedModel, cfg: Any, key: jax.Array) -> dict[str, 
 
 def icl_study(model: LoadedModel, cfg: Any, key: jax.Array) -> dict[str, Any]:
     """Eq. 21: accuracy against k with the random-label control, per task, and the per-position ICL score."""
-    tasks = {cfg["items"]: item_sets.load_items(cfg["items"], "icl")} if cfg["items"] else {
+    tasks = {cfg.item_file: item_sets.load_items(cfg.item_file, "icl")} if cfg.item_file else {
         name: item_sets.load_items(name, "icl") for name in cfg.tasks}
     n_calls = len(tasks) * 2 * len(cfg.ks) * cfg.n_queries
     bar = progress_bar(n_calls, "ICL prompts")

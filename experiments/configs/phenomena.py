@@ -15,7 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.study = "trace"
     c.model = "smollm2-135m-instruct"      # anything arlm.load takes
     c.workdir = ""                         # default runs/phenomena/<study>
-    c.items = ""                           # a JSONL file of your own (fields: arlm/analysis/data/README.md)
+    # A JSONL file of your own (fields: arlm/analysis/data/README.md). `--config.items=FILE` sets it too:
+    # a ConfigDict field cannot be called `items` (it would hide ConfigDict.items).
+    c.item_file = ""
     c.size = "small"                       # "small" (CPU) or "large" (GPU)
     c.seed = 0
     c.batch_size = 32
@@ -26,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     # temperature
     c.taus = (0.0, 0.3, 0.7, 1.0, 1.5)
     c.samples_per_item = 4
+    c.temperature_items = 40               # (n_items = 0): the first 40, to fit 10 CPU minutes
     c.max_new_tokens = 24
     # drift
     c.layers = (1, 5, 10, 15, 20, 25, 30)
@@ -47,6 +50,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.cot_tau = 0.7
     # The GPU version: these replace the fields above when size == "large".
     c.large = ml_collections.ConfigDict(dict(
-        samples_per_item=25, n_queries=1000, icl_contexts=64, icl_length=1024, cot_items=100, n_chains=16,
+        samples_per_item=25, temperature_items=0, n_queries=1000, icl_contexts=64, icl_length=1024, cot_items=100, n_chains=16,
         k=16, steps=48, batch_size=128, layers=tuple(range(0, 31, 2)), offsets=(1, 3, 10)))
     return c
