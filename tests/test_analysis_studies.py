@@ -51,7 +51,12 @@ def tiny_model():
     return arlm.LoadedModel(cfg, random_params(cfg, std=0.3), ByteTokenizer())
 
 
-@pytest.mark.parametrize("study", sorted(STUDIES))
+# The three cheapest run in the quick subset; the others' pieces have quick unit tests of their own.
+QUICK = ("sycophancy", "temperature", "trace")
+
+
+@pytest.mark.parametrize("study", [s if s in QUICK else pytest.param(s, marks=pytest.mark.slow)
+                                   for s in sorted(STUDIES)])
 def test_study_writes_summary_and_plot(study, tiny_model, tmp_path):
     cfg = _config(study=study, workdir=str(tmp_path), **TINY_BUDGET)
     summary = run_study(cfg, model=tiny_model)
