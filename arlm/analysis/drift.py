@@ -100,9 +100,9 @@ def block_singular_values(config: ModelConfig, params: Any, embeddings_TxD: Arra
 @functools.partial(jax.jit, static_argnames=("config", "normed"))
 def relative_scale(config: ModelConfig, params: Any, embeddings_TxD: Array, layers_N: Array, t_N: Array, s_N: Array,
                    *, normed: bool = False, basis_DxR: Array | None = None) -> Array:
-    """‖h_s^(0)‖ / ‖h_t^(ℓ)‖ for each block [N] (the final norm applied to h_t^(ℓ) when `normed`; both states
-    projected on the basis when one is given): the factor that turns a block's singular values into
-    gains of relative perturbations."""
+    """‖h_s^(0)‖ / ‖h_t^(ℓ)‖ for each block [N] (the final norm applied to h_t^(ℓ) when `normed`; both
+    states projected on the basis when one is given): the factor that turns a block's singular values
+    into gains of relative perturbations."""
     h = hidden_states(config, params, embeddings_TxD)
     out = hidden_states(config, params, embeddings_TxD, normed=True) if normed else h
     h_in, h_out = h[0, s_N], out[layers_N, t_N]

@@ -35,7 +35,8 @@ def temperature(s: dict[str, Any], ax_pair) -> None:
     ax1, ax2 = ax_pair
     _errbar(ax1, s["tau"], s["accuracy"], s["ci95"], label="accuracy (verifier accepts)")
     _errbar(ax1, s["tau"], s["hallucination"], s["hallucination_ci95"], label="Hall(θ) = P[reject] (eq. 19)")
-    ax1.set(xlabel="temperature τ", ylim=(-0.02, 1.02), title=f"temperature sweep, n = {s['n'][-1]} per τ (95% CI)")
+    ax1.set(xlabel="temperature τ", ylim=(-0.02, 1.02),
+            title=f"temperature sweep, n = {s['n'][0]} at τ = {s['tau'][0]}, {s['n'][-1]} per other τ (95% CI)")
     ax1.legend(fontsize=8)
     ax2.plot(s["tau"], s["distinct_1"], marker="o", label="distinct-1")
     ax2.plot(s["tau"], s["distinct_2"], marker="o", label="distinct-2")

@@ -35,7 +35,8 @@ def _items(cfg: Any, study: str, default: str, limit: int = 0) -> list[dict[str,
 
 
 def trace(model: LoadedModel, cfg: Any, key: jax.Array) -> dict[str, Any]:
-    """First experiment 1: one generation step, ids → embeddings → layers → logits → softmax(z/τ) → sample."""
+    """First experiment 1: one generation step, ids → embeddings → layers → logits → softmax(z/τ) →
+    sample."""
     ids = model.tokenizer.encode(cfg.prompt)
     tr = trace_step(model.config, model.params, ids, tau=cfg.tau, key=key, top=10)
     dec = model.tokenizer.decode
@@ -102,9 +103,12 @@ def drift_study(model: LoadedModel, cfg: Any, key: jax.Array) -> dict[str, Any]:
     s_pert = pairs[-1][1]
     direction = right[-1] if right is not None else np.random.default_rng(0).standard_normal(mc.d_model)
     scale = float(jnp.linalg.norm(emb[s_pert]))
-    resp = {str(e): np.asarray(drift.perturbation_response(mc, model.params, emb, s_pert, jnp.asarray(direction),
-                                                          e * scale) * scale / np.linalg.norm(
-        np.asarray(drift.hidden_states(mc, model.params, emb)), axis=-1)).tolist() for e in cfg.eps}
+    h_norm_LxT = np.linalg.norm(np.asarray(drift.hidden_states(mc, model.params, emb)), axis=-1)
+    resp = {}
+    for e in cfg.eps:          # ε relative to ‖h_s^(0)‖, the response relative to ‖h_t^(ℓ)‖
+        gain_LxT = np.asarray(drift.perturbation_response(mc, model.params, emb, s_pert, jnp.asarray(direction),
+                                                          e * scale))
+        resp[str(e)] = (gain_LxT * scale / h_norm_LxT).tolist()
     out["perturbation"] = {"s": s_pert, "relative_eps": list(cfg.eps), "relative_gain_LxT": resp,
                            "note": "‖Δh_t^ℓ‖/‖h_t^ℓ‖ divided by ε = ‖Δh_s^0‖/‖h_s^0‖, along the top raw singular "
                                    "direction of the last block"}

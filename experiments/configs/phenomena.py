@@ -50,6 +50,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.cot_tau = 0.7
     # The GPU version: these replace the fields above when size == "large".
     c.large = ml_collections.ConfigDict(dict(
-        samples_per_item=25, temperature_items=0, n_queries=1000, icl_contexts=64, icl_length=1024, cot_items=100, n_chains=16,
-        k=16, steps=48, batch_size=128, layers=tuple(range(0, 31, 2)), offsets=(1, 3, 10)))
+        samples_per_item=25, temperature_items=0, n_queries=1000, icl_contexts=64, icl_length=1024,
+        cot_items=100, n_chains=16, k=16, steps=48, batch_size=128, layers=tuple(range(0, 31, 2)), offsets=(1, 3, 10)))
     return c
