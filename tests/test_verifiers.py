@@ -249,7 +249,9 @@ def test_score_errors():
 
 
 def test_registry():
-    assert set(V.VERIFIERS) == {"exact_match", "numeric", "regex"}
+    assert set(V.VERIFIERS) == {"contains", "exact_match", "numeric", "regex"}
+    contains = V.make_verifier("contains")
+    assert contains("The capital is Paris.", "paris") == 1.0 and contains("Parisian food", "Paris") == 0.0
     assert V.make_verifier("exact_match") == V.ExactMatch()
     assert V.make_verifier("numeric", which="first") == V.NumericAnswer(which="first")
     assert V.make_verifier("regex", pattern=r"\d+", full=False)("a1", "") == 1.0
