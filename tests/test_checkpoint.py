@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import glob
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ import _tiny_job
 import arlm
 from arlm.data import pipeline
 from arlm.sharding import MeshConfig, batch_sharding, make_mesh, named
-from arlm.train.checkpoint import Checkpointer, CheckpointError
+from arlm.train.checkpoint import Checkpointer, CheckpointError, DamagedCheckpointWarning
 from arlm.train.loop import LoopConfig, run_training
 from arlm.train.metrics import read_metrics
 from arlm.train.optim import OptimConfig, make_optimizer
@@ -170,7 +171,8 @@ def toy_run(directory, steps, *, save_every, keep):
     try:
         result = run_training(state, step_fn, batches, lambda b: jax.device_put(b, data_sharding),
                               LoopConfig(total_steps=steps, progress=False), checkpointer=ckpt,
-                              data_state=lambda: {"next_index": batches.index})
+                              data_state=lambda: {"next_index": batches.index},
+                              restore_data=lambda d: setattr(batches, "index", d["next_index"]))
         return result, ckpt.all_steps(), ckpt.restore(result.state)[1]
     finally:
         ckpt.close()
@@ -309,9 +311,187 @@ def test_checkpoint_of_another_model_raises(tmp_path, one_device):
     gpt2 = arlm.ModelConfig.gpt2(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=16)
     with pytest.raises(CheckpointError, match="step 1"):   # a different tree (biases, positions)
         restore(directory, abstract_target(gpt2, mesh, mesh_cfg))
+    # a target that fits no step is the caller's mistake, not damage: every step stays in place
+    assert saved_steps(directory) == [1] and not os.path.exists(os.path.join(directory, "damaged"))
     # The matching abstract target restores fine.
     restored, _ = restore(directory, abstract_target(TINY, mesh, mesh_cfg))
     assert_trees_bitwise_equal(restored, state)
+
+
+# ---------------------------------------------------------------- resume past damaged checkpoints
+
+def _corrupt_json(step_dir):
+    """Cut the JSON item (input position + checksums) in half: no longer valid JSON."""
+    path = os.path.join(step_dir, "data", "metadata")
+    with open(path, "r+b") as fh:
+        fh.truncate(os.path.getsize(path) // 2)
+
+
+DAMAGES = {"flip_one_bit": lambda d: _flip_one_bit(_data_files(d)),     # only arlm's checksum sees it
+           "truncate": lambda d: _truncate(_data_files(d)),
+           "delete": lambda d: _delete(_data_files(d)),
+           "corrupt_json": _corrupt_json}
+
+
+@pytest.fixture
+def three_checkpoints(tmp_path, one_device):
+    """Steps 1, 2, 3 of distinct states (params shifted by the step) and data positions; returns
+    (directory, {step: host copy of the state}, the restore target)."""
+    state, _, _ = one_device
+    directory = str(tmp_path / "ck")
+    saved = {}
+    ckpt = Checkpointer(directory, save_every=1, keep=3)
+    try:
+        for step in (1, 2, 3):
+            s = state.replace(step=jnp.asarray(step, jnp.int32),
+                              params=jax.tree_util.tree_map(lambda x: x + 0.25 * step, state.params))
+            assert ckpt.save(step, s, {"next_index": 10 * step})
+            saved[step] = host(s)
+    finally:
+        ckpt.close()
+    return directory, saved, state
+
+
+def _damaged_dirs(directory):
+    path = os.path.join(directory, "damaged")
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+@pytest.mark.usefixtures("orbax_leftovers")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_resume_falls_back_to_newest_intact_step(three_checkpoints, damage):
+    directory, saved, target = three_checkpoints
+    DAMAGES[damage](os.path.join(directory, "3"))
+    with pytest.warns(DamagedCheckpointWarning, match=r"step 3 .* is damaged.*resuming from step 2") as record:
+        restored, data = restore(directory, target)
+    assert len([w for w in record if w.category is DamagedCheckpointWarning]) == 1
+    assert int(restored.step) == 2 and data == {"next_index": 20}
+    assert_trees_bitwise_equal(restored, saved[2])
+    # step 3 is moved aside (kept for a post-mortem), out of the manager's steps
+    assert saved_steps(directory) == [1, 2] and _damaged_dirs(directory) == ["3"]
+    assert not os.path.exists(os.path.join(directory, "3"))
+    # the next resume is clean: step 2 again, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DamagedCheckpointWarning)
+        again, _ = restore(directory, target)
+    assert_trees_bitwise_equal(again, saved[2])
+
+
+@pytest.mark.usefixtures("orbax_leftovers")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+def test_resume_skips_two_damaged_steps(three_checkpoints):
+    directory, saved, target = three_checkpoints
+    DAMAGES["flip_one_bit"](os.path.join(directory, "3"))
+    DAMAGES["corrupt_json"](os.path.join(directory, "2"))
+    with pytest.warns(DamagedCheckpointWarning) as record:
+        restored, data = restore(directory, target)
+    messages = [str(w.message) for w in record if w.category is DamagedCheckpointWarning]
+    assert len(messages) == 2
+    assert "step 3" in messages[0] and "checksum mismatch" in messages[0]
+    assert "step 2" in messages[1] and "JSONDecodeError" in messages[1]
+    assert int(restored.step) == 1 and data == {"next_index": 10}
+    assert_trees_bitwise_equal(restored, saved[1])
+    assert saved_steps(directory) == [1] and _damaged_dirs(directory) == ["2", "3"]
+
+
+@pytest.mark.usefixtures("orbax_leftovers")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+def test_all_steps_damaged_raises_and_moves_nothing(three_checkpoints):
+    directory, _, target = three_checkpoints
+    for step, damage in zip((1, 2, 3), ("truncate", "corrupt_json", "flip_one_bit")):
+        DAMAGES[damage](os.path.join(directory, str(step)))
+    with pytest.raises(CheckpointError, match="no intact checkpoint") as info:
+        restore(directory, target)
+    message = str(info.value)
+    lines = [line.strip() for line in message.splitlines()[1:]]     # newest first, one line per step
+    assert [line.split(":")[0] for line in lines] == ["step 3", "step 2", "step 1"]
+    assert "checksum mismatch" in lines[0] and "JSONDecodeError" in lines[1] and "corrupt" in lines[2]
+    assert saved_steps(directory) == [1, 2, 3] and _damaged_dirs(directory) == []
+
+
+@pytest.mark.usefixtures("orbax_leftovers")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+def test_explicit_step_stays_strict(three_checkpoints):
+    directory, saved, target = three_checkpoints
+    DAMAGES["flip_one_bit"](os.path.join(directory, "3"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DamagedCheckpointWarning)
+        with pytest.raises(CheckpointError, match="step 3 .* checksum mismatch"):
+            restore(directory, target, step=3)
+        restored, data = restore(directory, target, step=1)          # an intact older step, on request
+    assert data == {"next_index": 10}
+    assert_trees_bitwise_equal(restored, saved[1])
+    assert saved_steps(directory) == [1, 2, 3] and _damaged_dirs(directory) == []
+
+
+@pytest.mark.usefixtures("orbax_leftovers")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+def test_step_damaged_again_and_a_failed_move(three_checkpoints, monkeypatch):
+    """A step number set aside twice keeps both copies (damaged/3, damaged/3.1); a directory where
+    the move fails (read-only) still resumes from the intact step, and the warning says so."""
+    directory, saved, target = three_checkpoints
+
+    def resave_and_damage_step_3():
+        ckpt = Checkpointer(directory, save_every=1, keep=3)
+        try:
+            assert ckpt.save(3, target, {"next_index": 30})
+        finally:
+            ckpt.close()
+        DAMAGES["truncate"](os.path.join(directory, "3"))
+
+    DAMAGES["flip_one_bit"](os.path.join(directory, "3"))
+    with pytest.warns(DamagedCheckpointWarning, match="moved it to .*damaged/3;"):
+        restore(directory, target)
+    resave_and_damage_step_3()
+    with pytest.warns(DamagedCheckpointWarning, match=r"moved it to .*damaged/3\.1;"):
+        restored, _ = restore(directory, target)
+    assert _damaged_dirs(directory) == ["3", "3.1"] and saved_steps(directory) == [1, 2]
+    assert_trees_bitwise_equal(restored, saved[2])
+
+    resave_and_damage_step_3()
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr("arlm.train.checkpoint.shutil.move", read_only)
+    with pytest.warns(DamagedCheckpointWarning, match="could not move it aside .*PermissionError"):
+        restored, data = restore(directory, target)
+    assert data == {"next_index": 20}
+    assert_trees_bitwise_equal(restored, saved[2])
+    assert saved_steps(directory) == [1, 2, 3] and _damaged_dirs(directory) == ["3", "3.1"]
+
+
+@pytest.mark.usefixtures("orbax_leftovers")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+def test_training_resumed_past_damage_saves_that_step_again(tmp_path):
+    """A run with checkpoints at 2, 4, 6 whose step 6 is damaged resumes from 4, trains 5 and 6
+    again and saves step 6 over the damaged number; its checkpoints at 6 and 8 equal an
+    uninterrupted 8-step run's bit for bit."""
+    reference, _, _ = toy_run(str(tmp_path / "straight"), 8, save_every=2, keep=3)
+    directory = str(tmp_path / "ck")
+    first, steps, _ = toy_run(directory, 6, save_every=2, keep=3)
+    assert steps == [2, 4, 6]
+    at_6 = host(first.state)
+    DAMAGES["flip_one_bit"](os.path.join(directory, "6"))
+    with pytest.warns(DamagedCheckpointWarning, match="step 6"):
+        resumed, steps, data = toy_run(directory, 8, save_every=2, keep=3)
+    assert resumed.resumed_from == 4
+    assert steps == [4, 6, 8] and data == {"next_index": 8}
+    assert _damaged_dirs(directory) == ["6"]
+    assert_trees_bitwise_equal(resumed.state, reference.state)
+    ckpt = Checkpointer(directory)
+    try:
+        redone_6, data_6 = ckpt.restore(resumed.state, step=6)
+    finally:
+        ckpt.close()
+    assert data_6 == {"next_index": 6}
+    assert_trees_bitwise_equal(redone_6, at_6)
 
 
 # ---------------------------------------------------------------- restore under another mesh

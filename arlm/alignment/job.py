@@ -121,7 +121,7 @@ def _objective(method: str, model_cfg: ModelConfig, cfg: ml_collections.ConfigDi
     estimators = {"rlhf_ppo": PPO(), "rlvr_ppo": PPO(), "dpo": DPO(variant=cfg.dpo.variant),
                   "rsft": RSFT(group_size=k, filter="best_of_k", threshold=1.0),
                   "rlvr_grpo": GRPO(group_size=k), "rlvr_rloo": RLOO(group_size=k)}
-    kl = KLRegularizer(cfg.beta[method], "k3" if method == "rlvr_grpo" else "k1")
+    kl = KLRegularizer(cfg.beta[method])       # each estimator's default: GRPO k3, PPO and RLOO k1
     return KLObjective(Policy(model_cfg, lora), kl, estimators[method])
 
 

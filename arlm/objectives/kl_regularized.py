@@ -5,7 +5,11 @@ A `KLObjective` is three parts:
 
   * `Policy`        π_θ and its reference π_ref: frozen weights, or with LoRA (eq. 24) the base
                     weights with the adapter off;
-  * `KLRegularizer` β and the KL estimator (k1, k2, k3 or exact, `arlm.objectives.kl`);
+  * `KLRegularizer` β and the KL estimator (k1, k2, k3 or exact, `arlm.objectives.kl`); its default
+                    None means the estimator's own default (`default_kl`), resolved into
+                    `KLObjective.kl_estimator`: k1 in PPO's and RLOO's rewards, k3 in GRPO's loss;
+                    DPO, RSFT and SFT estimate no KL (β enters DPO's implicit reward and RSFT's
+                    Boltzmann filter in closed form);
   * an estimator    of ∇J from a batch: `PPO` (eq. 12: KL in the per-token reward, GAE from a value
                     head, clipped ratio), `GRPO` (eq. 15: group-relative advantages, clipped ratio,
                     k3 KL in the loss), `RLOO` (leave-one-out REINFORCE, KL in the reward), `DPO`
@@ -30,7 +34,8 @@ every array is [B, 2, …] with chosen at index 0 and rejected at 1.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+import warnings
+from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +45,7 @@ from arlm.objectives import advantages as adv_lib
 from arlm.objectives import policy_gradient as pg
 from arlm.objectives import rsft
 from arlm.objectives.heads import init_scalar_head, scalar_head
-from arlm.objectives.kl import KLRegularizer, k1
+from arlm.objectives.kl import KLRegularizer, k1, per_token_kl
 from arlm.objectives.preference import dpo_loss, dpo_margin
 from arlm.objectives.sequences import Batch, PolicyOutputs, policy_outputs
 from arlm.train.lora import LoraConfig, init_lora, merge_lora
@@ -83,6 +88,10 @@ class Policy:
 
 
 class Estimator(Protocol):
+    """An estimator of ∇J. Optional class attributes: `default_kl` (the KL estimator it uses when
+    the `KLRegularizer` names none; None: it estimates no KL) and `kl_in_loss` (whether its loss
+    differentiates the KL estimate, where k1 has zero expected gradient)."""
+
     def prepare(self, obj: "KLObjective", params: Any, frozen: Any, batch: Batch, key: Array) -> Batch: ...
 
     def loss(self, obj: "KLObjective", params: Any, batch: Batch, frozen: Any) -> tuple[Array, Metrics]: ...
@@ -90,11 +99,28 @@ class Estimator(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class KLObjective:
-    """Eq. 9 with one estimator of its gradient; see the module docstring."""
+    """Eq. 9 with one estimator of its gradient; see the module docstring.
+
+    `kl_estimator` is the KL estimator in use: `kl.estimator` if named, else the estimator's
+    `default_kl` (None: this objective estimates no KL). k1 named for an estimator that
+    differentiates its KL term (GRPO) is honoured, with a warning: its expected gradient is 0.
+    """
 
     policy: Policy
     kl: KLRegularizer
     estimator: Any
+    kl_estimator: str | None = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        chosen = self.kl.estimator
+        if chosen is None:
+            chosen = getattr(self.estimator, "default_kl", None)
+        object.__setattr__(self, "kl_estimator", chosen)
+        if chosen == "k1" and self.kl.beta > 0 and getattr(self.estimator, "kl_in_loss", False):
+            warnings.warn(f"{type(self.estimator).__name__} with the k1 KL estimator: k1 inside a loss has zero "
+                          f"expected gradient, so the β = {self.kl.beta} KL penalty does nothing; its default "
+                          f"is {getattr(self.estimator, 'default_kl', None)!r} (k2 and exact also work)",
+                          stacklevel=3)
 
     def init_params(self, ref_params: Any, key: Array) -> dict[str, Any]:
         return self.policy.init(ref_params, key, value_head=isinstance(self.estimator, PPO))
@@ -107,12 +133,16 @@ class KLObjective:
         return self.estimator.loss(self, params, batch, frozen)
 
     def token_kl(self, out: PolicyOutputs, ref_logp_BxT: Array, ref: PolicyOutputs | None = None) -> Array:
-        """The configured per-token KL estimate, 0 off the response mask."""
+        """The per-token KL estimate of `kl_estimator`, 0 off the response mask."""
+        if self.kl_estimator is None:
+            raise ValueError(f"{type(self.estimator).__name__} has no default KL estimator; name one in "
+                             f"KLRegularizer(estimator=...)")
         ref_logits = None if ref is None else ref.logits_BxTxV
-        return self.kl.per_token(out.logp_BxT, ref_logp_BxT, out.logits_BxTxV, ref_logits) * out.mask_BxT
+        kl_BxT = per_token_kl(self.kl_estimator, out.logp_BxT, ref_logp_BxT, out.logits_BxTxV, ref_logits)
+        return kl_BxT * out.mask_BxT
 
     def needs_logits(self) -> bool:
-        return self.kl.estimator == "exact"
+        return self.kl_estimator == "exact"
 
 
 def estimate_objective(rewards_B: Array, logp_BxT: Array, ref_logp_BxT: Array, beta: float) -> Array:
@@ -138,8 +168,11 @@ class PPO:
     """Eq. 12: r_t = −β KL_t + 1[t = T] r(x, y); GAE(γ, λ) from a value head; clipped ratio.
 
     The value head reads the policy's last hidden state through a stop-gradient (a critic head
-    on shared features: the value loss does not move the policy's weights)."""
+    on shared features: the value loss does not move the policy's weights). KL_t is k1 by default
+    (eq. 12's penalty): it enters the reward, not the differentiated loss."""
 
+    default_kl: ClassVar[str] = "k1"
+    kl_in_loss: ClassVar[bool] = False
     clip_eps: float = 0.2
     value_clip: float = 0.2
     value_coef: float = 0.5
@@ -188,8 +221,14 @@ class GRPO:
     """Eq. 15: A_i = (r_i − mean_j r_j)/(std_j r_j + ε) over the K samples of a prompt, the clipped
     ratio of eq. 12, and β · KL (k3 by default) in the loss, averaged per `reduction`.
 
+    The KL term is differentiated: k3's expected gradient is that of KL(π_ref ‖ π_θ) (the same
+    direction as ∇KL(π_θ ‖ π_ref) near π_ref), k2's and exact's that of KL(π_θ ‖ π_ref), and k1's
+    is zero (warned at construction).
+
     `scale_rewards=False` drops the division by the std (Dr. GRPO; TRL's `scale_rewards=False`)."""
 
+    default_kl: ClassVar[str] = "k3"
+    kl_in_loss: ClassVar[bool] = True
     group_size: int
     clip_eps: float = 0.2
     eps: float = 1e-4
@@ -223,8 +262,11 @@ class GRPO:
 @dataclasses.dataclass(frozen=True)
 class RLOO:
     """REINFORCE with a leave-one-out baseline over K samples per prompt; the KL enters the reward,
-    r̃ = r − β Σ_t KL_t, which makes −A log π_θ(y|x) an unbiased estimate of −∇J."""
+    r̃ = r − β Σ_t KL_t, which makes −A log π_θ(y|x) an unbiased estimate of −∇J with KL_t = k1
+    (the default: Σ_t k1 = log π_θ(y|x) / π_ref(y|x))."""
 
+    default_kl: ClassVar[str] = "k1"
+    kl_in_loss: ClassVar[bool] = False
     group_size: int
 
     def prepare(self, obj, params, frozen, batch, key):
@@ -249,8 +291,11 @@ _SEQUENCE_KEYS = ("tokens", "positions", "attention", "response_mask")
 
 @dataclasses.dataclass(frozen=True)
 class DPO:
-    """Eq. 13 and its variants (`arlm.objectives.preference`) on preference pairs; β = the KL's β."""
+    """Eq. 13 and its variants (`arlm.objectives.preference`) on preference pairs; β = the KL's β.
+    No KL is estimated: β enters through the implicit reward β log π_θ/π_ref."""
 
+    default_kl: ClassVar[None] = None
+    kl_in_loss: ClassVar[bool] = False
     variant: str = "sigmoid"
     label_smoothing: float = 0.0
 
@@ -274,7 +319,10 @@ class DPO:
 
 @dataclasses.dataclass(frozen=True)
 class SFT:
-    """Eq. 8 on the response tokens, weighted by batch["weights"] [B] if present."""
+    """Eq. 8 on the response tokens, weighted by batch["weights"] [B] if present. No KL term."""
+
+    default_kl: ClassVar[None] = None
+    kl_in_loss: ClassVar[bool] = False
 
     def prepare(self, obj, params, frozen, batch, key):
         return batch
@@ -290,7 +338,8 @@ class SFT:
 
 @dataclasses.dataclass(frozen=True)
 class RSFT(SFT):
-    """Eq. 14: keep samples by `filter` ("best_of_k", "threshold", "boltzmann"), then eq. 8 on them."""
+    """Eq. 14: keep samples by `filter` ("best_of_k", "threshold", "boltzmann"), then eq. 8 on them.
+    No KL is estimated: β enters the Boltzmann filter's acceptance exp((r − r_max)/β)."""
 
     group_size: int = 1
     filter: str = "best_of_k"

@@ -6,22 +6,42 @@ the very batches an uninterrupted run would have seen. The JSON item also
 holds a checksum of every state leaf: orbax/tensorstore do not checksum array
 data, so a flipped bit in a data file would otherwise restore silently wrong
 values; `restore` recomputes the checksums and raises `CheckpointError`.
+
+Resuming (`restore` without a step) falls back to the newest intact checkpoint: a damaged
+newer step is named in a `DamagedCheckpointWarning` (and the log) and moved aside to
+`<directory>/damaged/<step>`, so that the resumed run can save that step number again (orbax
+refuses to save a step that exists) and a later resume does not trip over it again. Moving
+rather than deleting keeps the files for a post-mortem and loses nothing if the "damage" was
+a transient read error. Nothing is moved unless an older step restored intact into the same
+target: a target that fits no checkpoint (a changed model) raises and leaves every step in place.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from arlm import distributed
 from arlm.train.state import TrainState
+
+logger = logging.getLogger(__name__)
+
+DAMAGED_DIR = "damaged"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt."""
+
+
+class DamagedCheckpointWarning(UserWarning):
+    """A resume skipped a damaged checkpoint (moved aside) and restored an older, intact one."""
 
 
 class Checkpointer:
@@ -63,12 +83,46 @@ class Checkpointer:
 
     def restore(self, target: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
         """Restore into the shapes, dtypes and shardings of `target` (a TrainState of arrays
-        or of `jax.ShapeDtypeStruct`s with shardings). Default: the latest step."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        or of `jax.ShapeDtypeStruct`s with shardings); returns (state, data state).
+
+        `step=None` (resume): the newest intact step. Damaged newer steps are skipped with a
+        `DamagedCheckpointWarning` each and moved to `<directory>/damaged/<step>`; if no step is
+        intact, `CheckpointError` lists every step and its error, and nothing is moved.
+        An explicit `step` is strict: that step or `CheckpointError`.
+        """
+        if step is not None:
+            if step not in self.all_steps():
+                raise CheckpointError(
+                    f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}")
+            return self._restore_step(target, step)
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
             raise CheckpointError(f"no checkpoint found in {self.directory}")
-        if step not in self.all_steps():
-            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}")
+        failures: list[tuple[int, CheckpointError]] = []
+        for candidate in steps:
+            restored, error = self._try_restore_step(target, candidate)
+            if error is None:
+                self._set_aside(failures, candidate)
+                return restored
+            failures.append((candidate, error))
+        listing = "\n".join(f"  step {s}: {err}" for s, err in failures)
+        raise CheckpointError(f"no intact checkpoint in {self.directory} (tried newest first):\n{listing}")
+
+    def _try_restore_step(self, target: TrainState, step: int
+                          ) -> tuple[tuple[TrainState, dict[str, Any]] | None, CheckpointError | None]:
+        """(restored, None) or (None, error); every process agrees on which (a step damaged where
+        one process reads it is damaged for all, so that all fall back to the same step)."""
+        try:
+            restored, error = self._restore_step(target, step), None
+        except CheckpointError as err:
+            restored, error = None, err
+        if distributed.any_process(error is not None) and error is None:
+            restored, error = None, CheckpointError(
+                f"checkpoint step {step} in {self.directory} failed to restore on another process")
+        return restored, error
+
+    def _restore_step(self, target: TrainState, step: int) -> tuple[TrainState, dict[str, Any]]:
+        """Restore `step` and verify its structure and checksums, or raise CheckpointError."""
         abstract = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target)
         try:
@@ -90,6 +144,39 @@ class Checkpointer:
                     f"checkpoint step {step} in {self.directory} is corrupt: checksum mismatch in "
                     f"{bad or sorted(set(found) ^ set(expected))}")
         return state, data
+
+    def _set_aside(self, failures: list[tuple[int, CheckpointError]], restored_step: int) -> None:
+        """Warn about each damaged step newer than `restored_step` and move it to
+        `<directory>/damaged/<step>` (process 0 moves, all wait), then re-read the step list."""
+        if not failures:
+            return
+        for step, error in failures:
+            moved_to = self._damaged_path(step)
+            outcome = f"moved it to {moved_to}"
+            if jax.process_index() == 0:
+                try:
+                    os.makedirs(os.path.dirname(moved_to), exist_ok=True)
+                    shutil.move(os.path.join(self.directory, str(step)), moved_to)
+                except OSError as err:      # e.g. a read-only directory: the restore itself still stands
+                    outcome = (f"could not move it aside ({type(err).__name__}: {err}), so saving step {step} "
+                               f"again will fail until it is removed")
+            message = (f"checkpoint step {step} in {self.directory} is damaged and was skipped: {error}; "
+                       f"{outcome}; resuming from step {restored_step}")
+            logger.warning(message)
+            warnings.warn(message, DamagedCheckpointWarning, stacklevel=3)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("arlm_checkpoint_set_aside")
+        self._manager.reload()
+
+    def _damaged_path(self, step: int) -> str:
+        """`<directory>/damaged/<step>`, or `<step>.1`, `<step>.2`, … if that step was set aside before."""
+        base = os.path.join(self.directory, DAMAGED_DIR, str(step))
+        path, n = base, 0
+        while os.path.exists(path):
+            n += 1
+            path = f"{base}.{n}"
+        return path
 
     def saving(self) -> bool:
         """Whether an asynchronous save is still being written (the train step need not wait for it)."""

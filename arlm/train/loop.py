@@ -94,7 +94,8 @@ def run_training(
     restore_data: Callable[[dict], None] | None = None,
     writer: MetricsWriter | None = None,
 ) -> LoopResult:
-    """Train until `cfg.total_steps`, resuming from `checkpointer`'s latest checkpoint if any.
+    """Train until `cfg.total_steps`, resuming from `checkpointer`'s newest intact checkpoint if any
+    (damaged newer ones are set aside with a warning, see `Checkpointer.restore`).
 
     `data_state()` returns the input pipeline's JSON position *before* the next
     batch is drawn; `restore_data(d)` rewinds the pipeline to it.
