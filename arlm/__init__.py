@@ -8,5 +8,6 @@ from arlm.checkpoints import LoadedModel, load, save_hf
 
 __all__ += ["LoadedModel", "load", "save_hf"]
 from arlm.inference import GenerateOutput, Sampler, generate
+from arlm.inference.perplexity import WindowedNLL, windowed_nll
 
-__all__ += ["GenerateOutput", "Sampler", "generate"]
+__all__ += ["GenerateOutput", "Sampler", "WindowedNLL", "generate", "windowed_nll"]

@@ -4,12 +4,15 @@
     echo "What is 2+2?" | python experiments/chat.py --model path/to/model.gguf
 
 Each turn renders the whole conversation with the checkpoint's chat template.
-An empty line or EOF ends the chat.
+An empty line or EOF ends the chat. The prompt is padded to a power-of-two length, so the
+growing conversation reuses one compiled decode loop per length bucket (a reply that
+enters a new bucket compiles first, which its tokens/s, printed to stderr, includes).
 """
 
 import argparse
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -58,11 +61,17 @@ def main() -> None:
         printer = StreamPrinter(model.tokenizer)
         print("assistant> ", end="", flush=True)
         key, sub = jax.random.split(key)
+        started = time.perf_counter()
         arlm.generate(model.config, model.params, [prompt], key=sub, max_new_tokens=args.max_new_tokens,
+                      prompt_bucket="pow2",
                       sampler=arlm.Sampler(temperature=args.temperature, top_p=args.top_p),
-                      eos_id=model.tokenizer.eos_id,
-                      on_token=lambda step, tokens_B, live_B: live_B[0] and printer(int(tokens_B[0])))
+                      eos_id=model.tokenizer.eos_id, stop_ids=model.stop_ids,
+                      on_token=lambda step, tokens_B, live_B: live_B[0] and int(tokens_B[0]) not in model.stop_ids
+                      and printer(int(tokens_B[0])))
         print()
+        seconds = time.perf_counter() - started
+        print(f"[{len(printer.ids)} tokens in {seconds:.2f} s, {len(printer.ids) / seconds:.1f} tokens/s]",
+              file=sys.stderr, flush=True)
         reply = model.tokenizer.decode([i for i in printer.ids if i != model.tokenizer.eos_id])
         messages.append({"role": "assistant", "content": reply})
 

@@ -239,7 +239,7 @@ def test_save_hf_refuses_mixed_family(tmp_path):
     cfg = ModelConfig.llama(vocab_size=50, d_model=32, n_layers=1, n_heads=4, d_ff=64, max_seq_len=8,
                             pos_embedding="learned")
     params = jax.eval_shape(functools.partial(arlm.init_params, cfg), jax.random.PRNGKey(0))   # only the tree is needed
-    with pytest.raises(ValueError, match="mixes the Llama and GPT-2"):
+    with pytest.raises(ValueError, match="no exact Hugging Face GPT2LMHeadModel equivalent: norm, mlp"):
         arlm.save_hf(str(tmp_path), cfg, params)
 
 

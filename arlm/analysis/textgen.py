@@ -47,6 +47,7 @@ def generate_texts(model: LoadedModel, prompts: Sequence[Sequence[int]], *, tau:
     eos = model.tokenizer.eos_id
     order = np.argsort([len(p) for p in prompts], kind="stable")
     out: list[str] = [""] * len(prompts)
+    stop_ids = (*stop_ids, *getattr(model, "stop_ids", ()))     # the checkpoint's own stop ids too
     stops = {eos, *stop_ids}
     for b0 in range(0, len(order), batch_size):
         rows = order[b0:b0 + batch_size]

@@ -1,5 +1,11 @@
 """GGUF files (llama.cpp's format) → arlm config, params, tokenizer and chat template.
 
+Architectures: llama (Llama, Mistral, SmolLM2, …), qwen2, qwen3 and phi3. Gemma 2/3
+GGUFs are refused: llama.cpp does not store their attention scale
+(query_pre_attn_scalar) nor, for Gemma 3, the local RoPE base and layer pattern
+(it hard-codes them per model size), so the file alone does not say which model it is;
+load the Hugging Face directory instead.
+
 Tensors are de-quantised with the `gguf` package. llama.cpp's converter
 permutes the rows of Q and K so that RoPE rotates interleaved pairs
 (x_0, x_1), (x_2, x_3), …; arlm (like Hugging Face) rotates half-split pairs
@@ -19,23 +25,37 @@ from arlm.config import ModelConfig
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                           "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
+# llama.cpp architecture → (arlm's Hugging Face family, Q/K rows permuted by the converter)
+ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False),
+                 "phi3": ("phi3", False)}
+_REFUSED = {
+    "gemma2": "llama.cpp does not store Gemma 2's attention scale (query_pre_attn_scalar)",
+    "gemma3": "llama.cpp does not store Gemma 3's attention scale, local RoPE base or local/global pattern",
+}
+
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "attn_output": "self_attn.o_proj", "attn_qkv": "self_attn.qkv_proj", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
 
 
 def open_gguf(path: str):
-    """A `gguf.GGUFReader`, with a clear error for missing, truncated or non-GGUF files."""
+    """A `gguf.GGUFReader`, with a clear error for missing, truncated, hostile or non-GGUF files.
+
+    The header is first walked by `validate_gguf_header` (bounded: no count in the file is
+    trusted), and only a regular file is opened: a FIFO or device is refused by name.
+    """
     import gguf
 
-    if not os.path.exists(path):
+    from arlm.checkpoints.gguf_header import validate_gguf_header
+    from arlm.checkpoints.paths import require_regular_file
+
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"no such GGUF file: {path}")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise CheckpointFormatError(f"{path} is not a GGUF file (magic bytes {magic!r}, expected b'GGUF')")
+    require_regular_file(path, what="GGUF file")
+    validate_gguf_header(path)
     try:
         return gguf.GGUFReader(path)
     except Exception as err:  # the reader raises ValueError/IndexError/struct errors on damage
@@ -52,30 +72,66 @@ def field(reader, key: str, default: Any = None) -> Any:
 def required_field(reader, key: str) -> Any:
     value = field(reader, key)
     if value is None:
-        raise CheckpointFormatError(f"GGUF file lacks required metadata key {key!r}")
+        raise CheckpointFormatError(f"GGUF file lacks the required field {key!r}")
     return value
 
 
-def config_from_gguf(reader) -> ModelConfig:
+def architecture(reader) -> str:
+    """The file's llama.cpp architecture, refused by name unless arlm loads it exactly."""
     arch = field(reader, "general.architecture")
-    if arch != "llama":
-        raise CheckpointFormatError(f"unsupported GGUF architecture {arch!r}; arlm loads 'llama'")
-    if field(reader, "llama.rope.scaling.type") not in (None, "none"):
-        raise CheckpointFormatError(f"unsupported RoPE scaling {field(reader, 'llama.rope.scaling.type')!r}")
-    heads = int(required_field(reader, "llama.attention.head_count"))
-    d = int(required_field(reader, "llama.embedding_length"))
-    vocab = field(reader, "llama.vocab_size")
+    if arch in _REFUSED:
+        raise CheckpointFormatError(f"GGUF architecture {arch!r} is not supported: {_REFUSED[arch]}; load the "
+                                    "Hugging Face directory instead")
+    if arch not in ARCHITECTURES:
+        raise CheckpointFormatError(f"unsupported GGUF architecture {arch!r}; arlm loads "
+                                    f"{', '.join(ARCHITECTURES)}")
+    return arch
+
+
+def config_from_gguf(reader) -> ModelConfig:
+    """ModelConfig from the `<arch>.*` metadata (validated like config.json, keys named)."""
+    from arlm.checkpoints.hf_config import HfConfigReader
+
+    arch = architecture(reader)
+    meta = {key: f.contents() for key, f in reader.fields.items() if key.startswith(arch + ".")}
+    r = HfConfigReader(meta, "GGUF metadata")
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise CheckpointFormatError(f"unsupported RoPE scaling {scaling!r}")
+    names = {t.name for t in reader.tensors}
+    if names & {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}:
+        raise CheckpointFormatError("unsupported RoPE frequency factors in the GGUF (long-context RoPE scaling)")
+    heads = r.int(f"{arch}.attention.head_count")
+    d = r.int(f"{arch}.embedding_length")
+    head_dim = r.int(f"{arch}.attention.key_length", None)
+    if head_dim is None:
+        if d % heads:
+            raise CheckpointFormatError(f"GGUF metadata: embedding_length {d} is not divisible by head_count {heads}")
+        head_dim = d // heads
+    rotary = r.int(f"{arch}.rope.dimension_count", head_dim)
+    if rotary != head_dim:
+        raise CheckpointFormatError(f"GGUF metadata: rope.dimension_count {rotary} != head dim {head_dim} "
+                                    "(partial rotary embeddings are not supported)")
+    vocab = r.int(f"{arch}.vocab_size", None)
     if vocab is None:
         vocab = len(required_field(reader, "tokenizer.ggml.tokens"))
-    names = {t.name for t in reader.tensors}
-    return ModelConfig.llama(
-        vocab_size=int(vocab), d_model=d, n_layers=int(required_field(reader, "llama.block_count")),
-        n_heads=heads, n_kv_heads=int(field(reader, "llama.attention.head_count_kv", heads)),
-        d_ff=int(required_field(reader, "llama.feed_forward_length")),
-        max_seq_len=int(required_field(reader, "llama.context_length")),
-        rope_theta=float(field(reader, "llama.rope.freq_base", 10000.0)),
-        norm_eps=float(field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        tie_embeddings="output.weight" not in names)
+    n_kv = r.int(f"{arch}.attention.head_count_kv", heads)
+    if heads % n_kv:
+        raise CheckpointFormatError(f"GGUF metadata: head_count_kv {n_kv} must divide head_count {heads}")
+    window = r.int(f"{arch}.attention.sliding_window", None) if arch == "phi3" else None
+    try:
+        return ModelConfig.llama(
+            vocab_size=vocab, d_model=d, n_layers=r.int(f"{arch}.block_count"), n_heads=heads, n_kv_heads=n_kv,
+            head_dim=head_dim, d_ff=r.int(f"{arch}.feed_forward_length"),
+            max_seq_len=r.int(f"{arch}.context_length"),
+            rope_theta=r.float(f"{arch}.rope.freq_base", 10000.0),
+            norm_eps=r.float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+            tie_embeddings="output.weight" not in names, qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
+            sliding_window=window)
+    except CheckpointFormatError:
+        raise
+    except ValueError as err:
+        raise CheckpointFormatError(f"GGUF metadata describes an invalid model: {err}") from err
 
 
 def dequantize(tensor) -> np.ndarray:
@@ -100,8 +156,12 @@ def unpermute_rope_rows(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
     return w_OxI.reshape(n_heads, out // n_heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
-def gguf_tensors_as_hf(reader, cfg: ModelConfig) -> Tensors:
-    """All tensors under Hugging Face Llama names, de-quantised and un-permuted."""
+def gguf_tensors_as_hf(reader, cfg: ModelConfig, arch: str = "llama") -> Tensors:
+    """All tensors under Hugging Face names, de-quantised (and un-permuted for llama).
+
+    A tensor arlm has no name for keeps its GGUF name, so the strict loader refuses it.
+    """
+    permuted = ARCHITECTURES[arch][1]
     out: Tensors = {}
     for tensor in reader.tensors:
         name = tensor.name
@@ -111,27 +171,30 @@ def gguf_tensors_as_hf(reader, cfg: ModelConfig) -> Tensors:
             out["model.norm.weight"] = dequantize(tensor)
         elif name == "output.weight":
             out["lm_head.weight"] = dequantize(tensor)
-        elif name.startswith("blk."):
+        elif name.startswith("blk.") and name.count(".") == 3 and name.split(".", 3)[2] in _LAYER_NAMES:
             _, layer, kind, suffix = name.split(".", 3)
-            if kind not in _LAYER_NAMES:
-                if kind in ("rope_freqs",):
-                    raise CheckpointFormatError(f"unsupported tensor {name} (custom RoPE frequencies)")
-                continue
             w = dequantize(tensor)
-            if kind == "attn_q":
+            if permuted and kind == "attn_q":
                 w = unpermute_rope_rows(w, cfg.n_heads)
-            elif kind == "attn_k":
+            elif permuted and kind == "attn_k":
                 w = unpermute_rope_rows(w, cfg.n_kv_heads)
-            out[f"model.layers.{layer}.{_LAYER_NAMES[kind]}.{suffix}"] = w
+            hf_kind = "mlp.gate_up_proj" if arch == "phi3" and kind == "ffn_up" else _LAYER_NAMES[kind]
+            out[f"model.layers.{layer}.{hf_kind}.{suffix}"] = w
+        else:
+            out[name] = np.zeros((0,), np.float32)     # unknown: left for the strict check to name
     return out
 
 
 def load_gguf(path: str) -> tuple[ModelConfig, dict[str, Any], Any, str | None]:
-    """(config, params, tokenizer, chat_template) from a Llama-architecture GGUF file."""
+    """(config, params, tokenizer, chat_template) from a llama / qwen2 / qwen3 / phi3 GGUF file."""
     from arlm.checkpoints.gguf_tokenizer import tokenizer_from_gguf
+
+    from arlm.checkpoints.hf_config import FAMILIES
 
     reader = open_gguf(path)
     cfg = config_from_gguf(reader)
-    params = llama_params_from_hf(cfg, gguf_tensors_as_hf(reader, cfg))
+    arch = architecture(reader)
+    layout = FAMILIES[ARCHITECTURES[arch][0]].layout
+    params = llama_params_from_hf(cfg, gguf_tensors_as_hf(reader, cfg, arch), layout=layout, where=path)
     tokenizer = tokenizer_from_gguf(reader)
     return cfg, params, tokenizer, field(reader, "tokenizer.chat_template")

@@ -3,6 +3,12 @@
 GGUF stores byte-level vocabularies already spelled in GPT-2's byte→unicode
 alphabet; tokens of type CONTROL (3) are special tokens (`<|im_start|>`, …)
 and are matched whole in text, as are USER_DEFINED (4) ones.
+
+The returned `GGUFTokenizer` also carries the file's special-token metadata, as
+transformers reads it: the named special tokens (tokenizer.ggml.bos/eos/unknown/
+padding_token_id → bos_token, eos_token, unk_token, pad_token), add_bos_token
+(tokenizer.ggml.add_bos_token) and the end-of-sequence ids (eos, and llama.cpp's
+end-of-turn / end-of-message ids when present).
 """
 
 from __future__ import annotations
@@ -13,6 +19,36 @@ from arlm.checkpoints.layout import CheckpointFormatError
 from arlm.data.tokenizers import BPETokenizer
 
 _CONTROL, _USER_DEFINED = 3, 4
+
+# GGUF metadata key → the name transformers gives that special token.
+_SPECIAL_TOKEN_KEYS = (("tokenizer.ggml.bos_token_id", "bos_token"), ("tokenizer.ggml.eos_token_id", "eos_token"),
+                       ("tokenizer.ggml.unknown_token_id", "unk_token"),
+                       ("tokenizer.ggml.padding_token_id", "pad_token"))
+# Further ids llama.cpp stops on.
+_STOP_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+
+
+class GGUFTokenizer(BPETokenizer):
+    """A `BPETokenizer` that also carries a GGUF file's special-token metadata (see the module docstring)."""
+
+    def __init__(self, tokenizer, eos_token: str, bos_token: str | None, *, special_tokens: dict[str, str],
+                 add_bos_token: bool, eos_ids: tuple[int, ...]) -> None:
+        super().__init__(tokenizer, eos_token, bos_token, parse_special_tokens=True)
+        self.special_tokens = dict(special_tokens)
+        self.add_bos_token = bool(add_bos_token)
+        self.eos_ids = tuple(eos_ids)
+
+
+def _token_id(reader, key: str, n_tokens: int) -> int | None:
+    """A token-id metadata field, checked to lie in the vocabulary (None if absent)."""
+    from arlm.checkpoints.gguf_file import field
+
+    value = field(reader, key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n_tokens:
+        raise CheckpointFormatError(f"GGUF metadata {key}={value!r} is not a token id in [0, {n_tokens})")
+    return int(value)
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -29,7 +65,8 @@ def _byte_alphabet() -> dict[int, str]:
     return mapping
 
 
-def tokenizer_from_gguf(reader) -> BPETokenizer:
+def tokenizer_from_gguf(reader) -> GGUFTokenizer:
+    """The byte-level BPE tokenizer of a GGUF file, with its special-token metadata."""
     from arlm.checkpoints.gguf_file import field, required_field
 
     kind = field(reader, "tokenizer.ggml.model")
@@ -59,7 +96,13 @@ def tokenizer_from_gguf(reader) -> BPETokenizer:
             for t, ty in zip(tokens, token_types) if ty == _USER_DEFINED and t in vocab]
     if user:
         tok.add_tokens(user)
-    eos = tokens[int(required_field(reader, "tokenizer.ggml.eos_token_id"))]
-    bos_id = field(reader, "tokenizer.ggml.bos_token_id")
-    bos = tokens[int(bos_id)] if bos_id is not None else None
-    return BPETokenizer.from_tokenizer(tok, eos_token=eos, bos_token=bos, parse_special_tokens=True)
+    required_field(reader, "tokenizer.ggml.eos_token_id")
+    ids = {name: _token_id(reader, key, len(tokens)) for key, name in _SPECIAL_TOKEN_KEYS}
+    special_tokens = {name: tokens[i] for name, i in ids.items() if i is not None}
+    stops = [ids["eos_token"], *(_token_id(reader, key, len(tokens)) for key in _STOP_KEYS)]
+    add_bos = field(reader, "tokenizer.ggml.add_bos_token")
+    if add_bos is not None and not isinstance(add_bos, bool):
+        raise CheckpointFormatError(f"GGUF metadata tokenizer.ggml.add_bos_token={add_bos!r} is not a boolean")
+    return GGUFTokenizer(tok, special_tokens["eos_token"], special_tokens.get("bos_token"),
+                         special_tokens=special_tokens, add_bos_token=bool(add_bos),
+                         eos_ids=tuple(dict.fromkeys(i for i in stops if i is not None)))

@@ -65,6 +65,8 @@ def forward_with_cache(config: ModelConfig, params: Any, cache: KVCache, tokens_
     kv_slots_S = jnp.arange(cache.size, dtype=jnp.int32)
     mask_BxTxS = ((kv_slots_S[None, None, :] <= slots_T[None, :, None])
                   & (kv_slots_S[None, None, :] >= cache.start_B[:, None, None]))
+    kv_positions_BxS = kv_slots_S[None, :] - cache.start_B[:, None]
     logits, (k, v) = Transformer(config, last_logits_only=last_logits_only).apply(
-        {"params": params}, embeddings_BxTxD, positions_BxT, mask_BxTxS, (cache.k, cache.v), cache.index)
+        {"params": params}, embeddings_BxTxD, positions_BxT, mask_BxTxS, (cache.k, cache.v), cache.index,
+        kv_positions_BxS)
     return logits, cache.replace(k=k, v=v, index=cache.index + t)

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from arlm.config import ModelConfig
 from arlm.inference.cache import forward_with_cache, init_cache
-from arlm.inference.sampling import GREEDY, Sampler
+from arlm.inference.sampling import GREEDY, Sampler, check_int
 from arlm.model.transformer import check_token_ids
 from arlm.sharding import cache_spec
 
@@ -47,18 +47,32 @@ jax.tree_util.register_dataclass(
                                  "prompt_lengths_B"], meta_fields=[])
 
 
-def pad_prompts(config: ModelConfig, prompts: Sequence[Sequence[int]] | np.ndarray, max_new_tokens: int,
-                *, pad_id: int = 0, overflow: str = "truncate", bucket: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad ragged prompts to one length P (rounded up to `bucket`), applying the overflow policy.
+def bucket_length(n: int, bucket: int | str) -> int:
+    """The padded length for a longest prompt of n tokens: the next multiple of an int `bucket`,
+    or, for bucket="pow2", the next power of two (at least 32), so a growing prompt touches only
+    O(log n) lengths, i.e. O(log n) compilations of the decode loop."""
+    if bucket == "pow2":
+        return max(32, 1 << (n - 1).bit_length())
+    if isinstance(bucket, str):
+        raise ValueError(f"prompt_bucket must be a positive int or 'pow2', got {bucket!r}")
+    bucket = check_int("prompt_bucket", bucket, minimum=1)
+    return -(-n // bucket) * bucket
 
+
+def pad_prompts(config: ModelConfig, prompts: Sequence[Sequence[int]] | np.ndarray, max_new_tokens: int,
+                *, pad_id: int = 0, overflow: str = "truncate", bucket: int | str = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad ragged prompts to one length P, applying the overflow policy.
+
+    P is the longest prompt rounded up by `bucket_length` (to a multiple of an int `bucket`, or to a
+    power of two for bucket="pow2"), capped at the room the window Δ leaves after max_new_tokens.
     Returns (prompt_BxP int32, start_B int32: index of each row's first real token).
     """
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
+    bucket_length(1, bucket)                               # reject a bad bucket before any work
     rows = [list(map(int, p)) for p in prompts]
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("every prompt must hold at least one token")
     check_token_ids(config, np.asarray([t for r in rows for t in r], np.int64))
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
     room = config.max_seq_len - max_new_tokens
     if room < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context "
@@ -73,7 +87,7 @@ def pad_prompts(config: ModelConfig, prompts: Sequence[Sequence[int]] | np.ndarr
                       "influence (eq. 18)", stacklevel=3)
         rows = [r[-room:] for r in rows]
         longest = room
-    width = min(-(-longest // bucket) * bucket, room)
+    width = min(bucket_length(longest, bucket), room)
     out = np.full((len(rows), width), pad_id, np.int32)
     start = np.zeros(len(rows), np.int32)
     for i, r in enumerate(rows):
@@ -166,12 +180,14 @@ def generate(
     overflow: str = "truncate",
     on_token: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
     mesh: Mesh | None = None,
+    prompt_bucket: int | str = 8,
 ) -> GenerateOutput:
     """Generate continuations for a batch of (ragged) prompts with a KV cache.
 
     Args:
       prompts: token-id lists of any lengths (or an int array [B, P]).
       key: PRNG key; the same key gives the same samples.
+      max_new_tokens: an int ≥ 1 (numpy integers too; not a float, string or bool).
       sampler: `Sampler(temperature, top_k, top_p, min_p)`; the default is greedy.
       eos_id, stop_ids: a row stops after emitting any of these (the stop token is kept).
       overflow: "truncate" (drop the prompt's head to fit Δ, with a warning) or "error".
@@ -180,10 +196,17 @@ def generate(
       mesh: generate SPMD over this device mesh: pass params placed by its rules (e.g. a
         `Trainer`'s); prompts are split over data × fsdp and the KV cache follows
         `arlm.sharding.cache_spec` (rows like the batch, heads like wk/wv).
+      prompt_bucket: the padded prompt length is a multiple of this int, or a power of two (≥ 32) for
+        "pow2"; each distinct length compiles the decode loop once, so a conversation whose prompt
+        keeps growing (experiments/chat.py) should use "pow2".
     """
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
+    if not isinstance(sampler, Sampler):
+        raise TypeError(f"sampler must be an arlm.Sampler, got {type(sampler).__name__}")
     if overflow not in ("truncate", "error"):
         raise ValueError(f"overflow must be 'truncate' or 'error', got {overflow!r}")
-    prompt_BxP, start_B = pad_prompts(config, prompts, max_new_tokens, pad_id=pad_id, overflow=overflow)
+    prompt_BxP, start_B = pad_prompts(config, prompts, max_new_tokens, pad_id=pad_id, overflow=overflow,
+                                      bucket=prompt_bucket)
     stops = sorted({*map(int, stop_ids), *([] if eos_id is None else [int(eos_id)])}) or [-1]
     if on_token is not None:
         _STREAM.append(on_token)

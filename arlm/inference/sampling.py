@@ -8,11 +8,34 @@ applies temperature and truncation; excluded tokens get −∞.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+
+
+def check_int(name: str, value: object, *, minimum: int) -> int:
+    """`value` as a Python int ≥ minimum; numpy integers pass, bools, floats and strings are a TypeError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be ≥ {minimum}, got {value}")
+    return value
+
+
+def check_real(name: str, value: object) -> float:
+    """`value` as a finite Python float; bools and strings are a TypeError, NaN and ±inf a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,14 +48,24 @@ class Sampler:
     min_p: float | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be ≥ 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be ≥ 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        # Normalised to plain Python numbers, so equal samplers hash equal (a static jit argument).
+        set_field = partial(object.__setattr__, self)
+        temperature = check_real("temperature", self.temperature)
+        if temperature < 0:
+            raise ValueError(f"temperature must be ≥ 0 (0 is greedy), got {temperature}")
+        set_field("temperature", temperature)
+        if self.top_k is not None:
+            set_field("top_k", check_int("top_k", self.top_k, minimum=1))
+        if self.top_p is not None:
+            top_p = check_real("top_p", self.top_p)
+            if not 0 < top_p <= 1:
+                raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+            set_field("top_p", top_p)
+        if self.min_p is not None:
+            min_p = check_real("min_p", self.min_p)
+            if not 0 <= min_p < 1:
+                raise ValueError(f"min_p must be in [0, 1), got {min_p}")
+            set_field("min_p", min_p)
 
     @property
     def greedy(self) -> bool:

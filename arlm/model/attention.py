@@ -17,23 +17,28 @@ import jax
 import jax.numpy as jnp
 
 from arlm.config import ModelConfig
-from arlm.model.layers import apply_rope, normal_init, rope_angles, trailing
+from arlm.model.layers import Norm, apply_rope, normal_init, rope_angles, trailing
 from arlm.sharding import constrain
 
 Array = jax.Array
 
 
-def bilinear_scores(q_BxTxHxK: Array, k_BxSxNxK: Array) -> Array:
+def bilinear_scores(q_BxTxHxK: Array, k_BxSxNxK: Array, scale_dim: float | None = None,
+                    softcap: float | None = None) -> Array:
     """Eq. 2: scores_BxHxTxS[b,h,t,s] = q_t·k_s / √d_k, in float32.
 
     q has H heads and k has N ≤ H heads (N divides H); head h reads k head h // (H/N).
+    `scale_dim` replaces d_k under the root (Gemma); `softcap` c maps a ↦ c·tanh(a / c) (Gemma 2).
     """
     b, t, h, dk = q_BxTxHxK.shape
     n = k_BxSxNxK.shape[2]
     q_BxTxNxGxK = q_BxTxHxK.reshape(b, t, n, h // n, dk)
     scores = jnp.einsum("btngk,bsnk->bngts", q_BxTxNxGxK, k_BxSxNxK,
                         preferred_element_type=jnp.float32)
-    return scores.reshape(b, h, t, -1) / math.sqrt(dk)
+    scores = scores.reshape(b, h, t, -1) / math.sqrt(scale_dim or dk)
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    return scores
 
 
 def causal_softmax(scores_BxHxTxS: Array, mask_BxTxS: Array) -> Array:
@@ -65,6 +70,11 @@ def causal_mask(q_positions_BxT: Array, kv_positions_BxS: Array) -> Array:
     return kv_positions_BxS[:, None, :] <= q_positions_BxT[:, :, None]
 
 
+def window_mask(q_positions_BxT: Array, kv_positions_BxS: Array, window: int) -> Array:
+    """True where key position s is within the last `window` positions up to t: t − s < W (sliding window)."""
+    return q_positions_BxT[:, :, None] - kv_positions_BxS[:, None, :] < window
+
+
 class Attention(nn.Module):
     """One attention sub-layer: projections M, N, V (eq. 2/4), RoPE if configured, W_O."""
 
@@ -74,27 +84,36 @@ class Attention(nn.Module):
         cfg = self.config
         w = self.param(name, normal_init(std), (cfg.d_model, heads, cfg.head_dim))
         y = jnp.einsum("btd,dhk->bthk", x, w.astype(cfg.compute_dtype))
-        if cfg.use_bias:
+        if cfg.use_bias or cfg.qkv_bias:
             bias = self.param(name + "_bias", nn.initializers.zeros, (heads, cfg.head_dim))
             y = y + trailing(bias.astype(cfg.compute_dtype), y.ndim)
         return constrain(y, "batch", None, "heads" if heads == cfg.n_heads else "kv_heads", None)
 
     @nn.compact
     def __call__(self, h_BxTxD: Array, positions_BxT: Array, mask_BxTxS: Array,
-                 kv_cache: tuple[Array, Array] | None = None, cache_index: Array | None = None):
+                 kv_cache: tuple[Array, Array] | None = None, cache_index: Array | None = None,
+                 is_global: Array | bool = True):
         """Attend the T new tokens to themselves, or (with `kv_cache`) to every cached slot.
 
         kv_cache: (k_BxSxNxK, v_BxSxNxK) of this layer; the new keys/values are written at
         slots cache_index … cache_index+T-1 (eq. 17: S_{t+1} = S_t ∪ {(k_{t+1}, v_{t+1})}),
-        and mask_BxTxS then ranges over all S slots. Returns (out, probs, new_kv_cache).
+        and mask_BxTxS then ranges over all S slots. `is_global` (a traced bool under the layer
+        scan) picks the global RoPE (base and scaling); a local layer uses `rope_local_theta` when set (the
+        caller passes the sliding-window mask). Returns (out, probs, new_kv_cache).
         """
         cfg = self.config
         x = h_BxTxD.astype(cfg.compute_dtype)
         q = self._proj("wq", x, cfg.n_heads, cfg.init_std)      # q_t = M h_t
         k = self._proj("wk", x, cfg.n_kv_heads, cfg.init_std)   # k_s = N h_s
         v = self._proj("wv", x, cfg.n_kv_heads, cfg.init_std)   # v_s = V h_s
+        if cfg.qk_norm:                                          # per-head RMSNorm (Qwen3, Gemma 3)
+            q = Norm(cfg, features=cfg.head_dim, name="q_norm")(q)
+            k = Norm(cfg, features=cfg.head_dim, name="k_norm")(k)
         if cfg.pos_embedding == "rope":
-            cos, sin = rope_angles(positions_BxT, cfg.head_dim, cfg.rope_theta)
+            cos, sin = rope_angles(positions_BxT, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+            if cfg.rope_local_theta is not None:       # local layers: their own base, never rescaled
+                cos_l, sin_l = rope_angles(positions_BxT, cfg.head_dim, cfg.rope_local_theta)
+                cos, sin = jnp.where(is_global, cos, cos_l), jnp.where(is_global, sin, sin_l)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
@@ -103,7 +122,8 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
             kv_cache = (k, v)
-        probs_BxHxTxS = causal_softmax(bilinear_scores(q, k), mask_BxTxS)
+        scores = bilinear_scores(q, k, cfg.attn_scale_dim, cfg.attn_softcap)
+        probs_BxHxTxS = causal_softmax(scores, mask_BxTxS)
         z_BxTxHxK = aggregate(probs_BxHxTxS, v)
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         wo = self.param("wo", normal_init(out_std), (cfg.n_heads, cfg.head_dim, cfg.d_model))

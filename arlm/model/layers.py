@@ -7,6 +7,7 @@ dtype where they meet activations; normalisation statistics are float32.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable
 
 import flax.linen as nn
@@ -29,17 +30,23 @@ def trailing(v: Array, ndim: int) -> Array:
 
 
 class Norm(nn.Module):
-    """LayerNorm (GPT-2) or RMSNorm (Llama), computed in float32 (eq. 5)."""
+    """LayerNorm (GPT-2) or RMSNorm (Llama), computed in float32 (eq. 5), over the last axis.
+
+    `features` is that axis' width: d_model by default, head_dim for the per-head q/k norms.
+    Gemma writes its RMSNorm scale as (1 + w); arlm stores the product, so one Norm serves.
+    """
 
     config: ModelConfig
+    features: int | None = None
 
     @nn.compact
     def __call__(self, x_BxTxD: Array) -> Array:
         cfg = self.config
+        width = self.features or cfg.d_model
         x = x_BxTxD.astype(jnp.float32)
-        scale_D = self.param("scale", nn.initializers.ones, (cfg.d_model,))
+        scale_D = self.param("scale", nn.initializers.ones, (width,))
         if cfg.norm == "layernorm":
-            bias_D = self.param("bias", nn.initializers.zeros, (cfg.d_model,))
+            bias_D = self.param("bias", nn.initializers.zeros, (width,))
             mean = x.mean(-1, keepdims=True)
             var = jnp.square(x - mean).mean(-1, keepdims=True)
             y = (x - mean) * jax.lax.rsqrt(var + cfg.norm_eps) * trailing(scale_D, x.ndim) + trailing(bias_D, x.ndim)
@@ -49,9 +56,31 @@ class Norm(nn.Module):
         return y.astype(cfg.compute_dtype)
 
 
-def rope_angles(positions_BxT: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
-    """cos/sin tables [B, T, head_dim] for rotary positions (eq. 1, RoPE variant)."""
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None = None) -> Array:
+    """Inverse frequencies θ^(−2i/K), i < K/2, float32, optionally rescaled for longer contexts.
+
+    scaling: None; ("linear", factor): every frequency / factor; ("llama3", factor,
+    low_freq_factor, high_freq_factor, original_context): Llama 3.1's rule, long wavelengths
+    (> original/low) / factor, short ones (< original/high) kept, a smooth blend between.
+    """
     inv_freq_K2 = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv_freq_K2
+    if scaling[0] == "linear":
+        return inv_freq_K2 / scaling[1]
+    _, factor, low, high, original = scaling
+    wavelen_K2 = 2 * math.pi / inv_freq_K2
+    scaled = jnp.where(wavelen_K2 > original / low, inv_freq_K2 / factor, inv_freq_K2)
+    smooth = (original / wavelen_K2 - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen_K2 >= original / high) & (wavelen_K2 <= original / low)
+    return jnp.where(medium, blended, scaled)
+
+
+def rope_angles(positions_BxT: Array, head_dim: int, theta: float,
+                scaling: tuple | None = None) -> tuple[Array, Array]:
+    """cos/sin tables [B, T, head_dim] for rotary positions (eq. 1, RoPE variant)."""
+    inv_freq_K2 = rope_inv_freq(head_dim, theta, scaling)
     angles_BxTxK2 = positions_BxT.astype(jnp.float32)[..., None] * trailing(inv_freq_K2, positions_BxT.ndim + 1)
     angles_BxTxK = jnp.concatenate([angles_BxTxK2, angles_BxTxK2], axis=-1)
     return jnp.cos(angles_BxTxK), jnp.sin(angles_BxTxK)
@@ -76,7 +105,7 @@ def _dense(module: nn.Module, name: str, x: Array, shape: tuple[int, int], std: 
 
 
 class Mlp(nn.Module):
-    """Feed-forward block: GELU MLP (GPT-2) or SwiGLU (Llama)."""
+    """Feed-forward block: GELU MLP (GPT-2), SwiGLU (Llama) or gated tanh-GELU (Gemma)."""
 
     config: ModelConfig
 
@@ -93,7 +122,8 @@ class Mlp(nn.Module):
         else:
             gate = _dense(self, "w_gate", x, (d, f), cfg.init_std, cfg.use_bias, dt)
             up = _dense(self, "w_up", x, (d, f), cfg.init_std, cfg.use_bias, dt)
-            hidden_BxTxF = jax.nn.silu(gate) * up
+            act = jax.nn.silu if cfg.mlp == "swiglu" else partial(jax.nn.gelu, approximate=True)
+            hidden_BxTxF = act(gate) * up
         hidden_BxTxF = constrain(hidden_BxTxF, "batch", None, "mlp")
         return _dense(self, "w_out", hidden_BxTxF, (f, d), out_std, cfg.use_bias, dt)
 
@@ -134,7 +164,8 @@ class MoE(nn.Module):
         else:
             w_gate = self.param("w_gate", init, (e, d, f)).astype(dt)
             w_up = self.param("w_up", init, (e, d, f)).astype(dt)
-            hidden_BxTxExF = (jax.nn.silu(jnp.einsum("btd,edf->btef", x, w_gate))
+            act = jax.nn.silu if cfg.mlp == "swiglu" else partial(jax.nn.gelu, approximate=True)
+            hidden_BxTxExF = (act(jnp.einsum("btd,edf->btef", x, w_gate))
                               * jnp.einsum("btd,edf->btef", x, w_up))
         w_out = self.param("w_out", normal_init(out_std), (e, f, d)).astype(dt)
         expert_out_BxTxExD = jnp.einsum("btef,efd->bted", hidden_BxTxExF, w_out)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arlm.config import ModelConfig
-from arlm.model.attention import Attention, causal_mask
+from arlm.model.attention import Attention, causal_mask, window_mask
 from arlm.model.layers import MoE, Mlp, Norm, normal_init
 from arlm.sharding import constrain
 
@@ -30,7 +30,12 @@ Params = Any
 
 
 class Block(nn.Module):
-    """Eq. 5, pre-norm layer map: h ← h + Attn(Norm(h)); h ← h + FFN(Norm(h))."""
+    """Eq. 5, pre-norm layer map: h ← h + Attn(Norm(h)); h ← h + FFN(Norm(h)).
+
+    With `sandwich_norm` (Gemma) each sub-layer's output is normalised once more before it is
+    added: h ← h + Norm(Attn(Norm(h))). A layer with a sliding window (not global) attends
+    with `local_mask_BxTxS`; `layer_id` is this layer's index (scanned).
+    """
 
     config: ModelConfig
     return_attention: bool = False
@@ -38,18 +43,28 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, carry: tuple[Array, Array], positions_BxT: Array, mask_BxTxS: Array,
-                 cache_index: Array | None, kv_cache: tuple[Array, Array] | None):
+                 local_mask_BxTxS: Array | None, cache_index: Array | None,
+                 kv_cache: tuple[Array, Array] | None, layer_id: Array):
+        cfg = self.config
         h_BxTxD, aux = carry
         h_BxTxD = constrain(h_BxTxD, "batch", None, None)     # on a mesh: rows split, D whole
-        attn_out, probs_BxHxTxS, kv_cache = Attention(self.config, name="attn")(
-            Norm(self.config, name="attn_norm")(h_BxTxD), positions_BxT, mask_BxTxS, kv_cache, cache_index)
+        is_global = True
+        if cfg.sliding_window is not None:
+            is_global = (layer_id + 1) % cfg.global_every == 0 if cfg.global_every else False
+            mask_BxTxS = jnp.where(is_global, mask_BxTxS, local_mask_BxTxS)
+        attn_out, probs_BxHxTxS, kv_cache = Attention(cfg, name="attn")(
+            Norm(cfg, name="attn_norm")(h_BxTxD), positions_BxT, mask_BxTxS, kv_cache, cache_index, is_global)
+        if cfg.sandwich_norm:
+            attn_out = Norm(cfg, name="attn_post_norm")(attn_out)
         h_BxTxD = h_BxTxD + attn_out.astype(jnp.float32)
-        x = Norm(self.config, name="mlp_norm")(h_BxTxD)
-        if self.config.n_experts:
-            ffn_out, layer_aux = MoE(self.config, name="moe")(x)
+        x = Norm(cfg, name="mlp_norm")(h_BxTxD)
+        if cfg.n_experts:
+            ffn_out, layer_aux = MoE(cfg, name="moe")(x)
             aux = aux + layer_aux
         else:
-            ffn_out = Mlp(self.config, name="mlp")(x)
+            ffn_out = Mlp(cfg, name="mlp")(x)
+        if cfg.sandwich_norm:
+            ffn_out = Norm(cfg, name="mlp_post_norm")(ffn_out)
         h_BxTxD = constrain(h_BxTxD + ffn_out.astype(jnp.float32), "batch", None, None)
         sublayers = (attn_out.astype(jnp.float32), ffn_out.astype(jnp.float32)) if self.return_sublayers else None
         per_layer = (h_BxTxD, probs_BxHxTxS if self.return_attention else None, kv_cache, sublayers)
@@ -71,7 +86,7 @@ class Transformer(nn.Module):
             self.unembed = self.param("unembed", normal_init(cfg.init_std), (cfg.d_model, cfg.vocab_size))
         scanned = nn.scan(
             Block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.n_layers)
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0), length=cfg.n_layers)
         self.layers = scanned(cfg, self.return_attention, self.return_sublayers)
         self.final_norm = Norm(cfg)
 
@@ -80,18 +95,33 @@ class Transformer(nn.Module):
         return jnp.take(self.embed, tokens_BxT, axis=0)
 
     def __call__(self, embeddings_BxTxD: Array, positions_BxT: Array, mask_BxTxS: Array,
-                 kv_cache: tuple[Array, Array] | None = None, cache_index: Array | None = None):
-        """kv_cache: stacked per-layer (k, v), each [L, B, S, N, K]; see `Attention`."""
+                 kv_cache: tuple[Array, Array] | None = None, cache_index: Array | None = None,
+                 kv_positions_BxS: Array | None = None):
+        """kv_cache: stacked per-layer (k, v), each [L, B, S, N, K]; see `Attention`.
+
+        kv_positions_BxS: the position of every key slot (default: positions_BxT, no cache);
+        only a sliding-window model needs it, to build its local mask.
+        """
         cfg = self.config
         h0 = embeddings_BxTxD.astype(jnp.float32)
+        if cfg.scale_embeddings:
+            h0 = h0 * jnp.float32(cfg.d_model ** 0.5)                         # Gemma: √D · E[x_t]
         if cfg.pos_embedding == "learned":
             h0 = h0 + jnp.take(self.pos_embed, positions_BxT, axis=0)       # eq. 1: E[x_t] + p_t
+        local_mask = None
+        if cfg.sliding_window is not None:
+            kv_pos = positions_BxT if kv_positions_BxS is None else kv_positions_BxS
+            local_mask = mask_BxTxS & window_mask(positions_BxT, kv_pos, cfg.sliding_window)
+        layer_ids_L = jnp.arange(cfg.n_layers, dtype=jnp.int32)
         (h_L, aux), (hidden_LxBxTxD, probs_LxBxHxTxS, new_cache, sublayers) = self.layers(
-            (h0, jnp.zeros((), jnp.float32)), positions_BxT, mask_BxTxS, cache_index, kv_cache)
+            (h0, jnp.zeros((), jnp.float32)), positions_BxT, mask_BxTxS, local_mask, cache_index, kv_cache,
+            layer_ids_L)
         x = self.final_norm(h_L[:, -1:] if self.last_logits_only else h_L)
         w_unembed = self.embed.T if cfg.tie_embeddings else self.unembed
         logits_BxTxV = jnp.einsum("btd,dv->btv", x, w_unembed.astype(cfg.compute_dtype),
                                   preferred_element_type=jnp.float32)   # eq. 6: W_U h_t^(L)
+        if cfg.logit_softcap is not None:                                   # Gemma 2: c·tanh(z / c)
+            logits_BxTxV = cfg.logit_softcap * jnp.tanh(logits_BxTxV / cfg.logit_softcap)
         logits_BxTxV = constrain(logits_BxTxV, "batch", None, "vocab")
         hidden = jnp.concatenate([h0[None], hidden_LxBxTxD], axis=0)
         if kv_cache is not None:
