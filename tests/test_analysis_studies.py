@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 
-import jax
 import pytest
 from _params import random_params
 

@@ -36,6 +36,8 @@ class LoadedModel:
       add_bos_token: whether plain encodes of this checkpoint start with BOS (informational:
         chat prompts, like transformers' apply_chat_template, get only what the template writes).
       chat_templates: named templates ({"default": ..., "tool_use": ...}) when there are several.
+      architecture: the Hugging Face model_type it was loaded as ("llama", "qwen2", "phi3", …);
+        `save_hf` writes that family back (None: the simplest family that expresses the config).
     """
 
     config: ModelConfig
@@ -46,6 +48,7 @@ class LoadedModel:
     eos_ids: tuple[int, ...] = ()
     add_bos_token: bool = False
     chat_templates: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    architecture: str | None = None
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -76,8 +79,17 @@ class LoadedModel:
     def save_hf(self, directory: str, **kwargs: Any) -> str:
         """Write the whole checkpoint as a Hugging Face directory (weights, config, tokenizer, template, stop ids).
 
-        Extra keyword arguments go to `arlm.checkpoints.hf.save_hf` (e.g. architecture=...).
+        Extra keyword arguments go to `arlm.checkpoints.hf.save_hf`; the family defaults to the
+        one it was loaded as, when that family still expresses the config exactly.
         """
+        if "architecture" not in kwargs and self.architecture is not None:
+            from arlm.checkpoints.hf_config import config_to_hf
+
+            try:
+                config_to_hf(self.config, self.architecture)
+                kwargs["architecture"] = self.architecture
+            except ValueError:
+                pass        # e.g. a config changed after loading: the simplest family that fits
         return save_hf(directory, self.config, self.params, self.tokenizer,
                        chat_template=dict(self.chat_templates) or self.chat_template,
                        special_tokens=dict(self.special_tokens), add_bos_token=self.add_bos_token,
@@ -127,22 +139,24 @@ def load(name_or_path: str, *, dtype: str | None = None) -> LoadedModel:
 
     Args:
       name_or_path: "smollm2-135m-instruct", a `.gguf` file, or a directory with
-        config.json + safetensors (LlamaForCausalLM or GPT2LMHeadModel).
+        config.json + safetensors (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3 or GPT-2; see
+        `arlm.checkpoints.hf_config`).
       dtype: optional compute dtype ("float32" or "bfloat16"); params stay float32.
     """
     from arlm.checkpoints.gguf_file import load_gguf
 
     path = resolve(name_or_path)
     if os.path.isdir(path):
-        config, params = load_hf_dir(path)
+        config, params, architecture = load_hf_dir(path)
         side = load_tokenizer_side(path)
     else:
-        config, params, tokenizer, template = load_gguf(path)
+        config, params, tokenizer, template, architecture = load_gguf(path)
         side = TokenizerSide.from_tokenizer(tokenizer, template)
     if dtype is not None:
         config = config.replace(dtype=dtype)
     return LoadedModel(config, params, side.tokenizer, side.chat_template, special_tokens=side.special_tokens,
-                       eos_ids=side.eos_ids, add_bos_token=side.add_bos_token, chat_templates=side.chat_templates)
+                       eos_ids=side.eos_ids, add_bos_token=side.add_bos_token, chat_templates=side.chat_templates,
+                       architecture=architecture)
 
 
 __all__ = ["ChatTemplateError", "ChatTemplateLimitError", "CheckpointFormatError", "LoadedModel", "NAMED_MODELS",

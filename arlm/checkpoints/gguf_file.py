@@ -185,8 +185,9 @@ def gguf_tensors_as_hf(reader, cfg: ModelConfig, arch: str = "llama") -> Tensors
     return out
 
 
-def load_gguf(path: str) -> tuple[ModelConfig, dict[str, Any], Any, str | None]:
-    """(config, params, tokenizer, chat_template) from a llama / qwen2 / qwen3 / phi3 GGUF file."""
+def load_gguf(path: str) -> tuple[ModelConfig, dict[str, Any], Any, str | None, str]:
+    """(config, params, tokenizer, chat_template, Hugging Face model_type) from a llama / qwen2 / qwen3 /
+    phi3 GGUF file."""
     from arlm.checkpoints.gguf_tokenizer import tokenizer_from_gguf
 
     from arlm.checkpoints.hf_config import FAMILIES
@@ -197,4 +198,4 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict[str, Any], Any, str | None]:
     layout = FAMILIES[ARCHITECTURES[arch][0]].layout
     params = llama_params_from_hf(cfg, gguf_tensors_as_hf(reader, cfg, arch), layout=layout, where=path)
     tokenizer = tokenizer_from_gguf(reader)
-    return cfg, params, tokenizer, field(reader, "tokenizer.chat_template")
+    return cfg, params, tokenizer, field(reader, "tokenizer.chat_template"), ARCHITECTURES[arch][0]

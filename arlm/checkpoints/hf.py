@@ -13,16 +13,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 
-from arlm.checkpoints.hf_config import SUPPORTED_ARCHITECTURES, config_from_hf, config_to_hf
-from arlm.checkpoints.layout import (CheckpointFormatError, Tensors, gpt2_params_from_hf, gpt2_params_to_hf,
+from arlm.checkpoints.hf_config import config_from_hf, config_to_hf
+from arlm.checkpoints.layout import (CheckpointFormatError, gpt2_params_from_hf, gpt2_params_to_hf,
                                      llama_params_from_hf, llama_params_to_hf)
 from arlm.checkpoints.paths import checked_file
 from arlm.checkpoints.safetensors_io import read_safetensors
 from arlm.config import ModelConfig
 
 
-def load_hf_dir(directory: str) -> tuple[ModelConfig, dict[str, Any]]:
-    """(config, params) from a local Hugging Face checkpoint directory."""
+def load_hf_dir(directory: str) -> tuple[ModelConfig, dict[str, Any], str]:
+    """(config, params, model_type) from a local Hugging Face checkpoint directory."""
     try:
         cfg_path = checked_file(directory, "config.json", what="config.json")
     except FileNotFoundError:
@@ -43,7 +43,7 @@ def load_hf_dir(directory: str) -> tuple[ModelConfig, dict[str, Any]]:
                           "tying the head to the embedding, as exports that drop a tied head need")
             cfg = cfg.replace(tie_embeddings=True)
         params = llama_params_from_hf(cfg, tensors, layout=family.layout, where=where)
-    return cfg, params
+    return cfg, params, family.model_type
 
 
 def save_hf(directory: str, config: ModelConfig, params: dict[str, Any], tokenizer: Any = None,
