@@ -83,7 +83,14 @@ def _pretrain(shape, batch, steps=2):
     return state, losses
 
 
-@pytest.mark.parametrize("name", MESHES)
+def _quick_if(values, quick):
+    """pytest params for `values`, all but those in `quick` marked slow: the quick subset keeps one
+    mesh per code path (every mesh axis still appears), CI runs them all."""
+    return [pytest.param(*(v if isinstance(v, tuple) else (v,)), id="-".join(v) if isinstance(v, tuple) else v,
+                         marks=() if v in quick else pytest.mark.slow) for v in values]
+
+
+@pytest.mark.parametrize("name", _quick_if(list(MESHES), {"dp2_fsdp2_tp2"}))
 def test_pretrain_step_matches_single_device(name):
     batch = _lm_batch(np.random.default_rng(0))
     ref_state, ref_losses = _pretrain((1, 1, 1), batch)
@@ -116,8 +123,9 @@ def _reference_params():
     return arlm.init_params(CONFIG, jax.random.PRNGKey(3))
 
 
-@pytest.mark.parametrize("name", MESHES)
-@pytest.mark.parametrize("method", ["dpo", "grpo", "ppo", "rloo"])
+@pytest.mark.parametrize("method, name", _quick_if(
+    [(m, n) for m in ("dpo", "grpo", "ppo", "rloo") for n in MESHES],
+    {("dpo", "dp2_fsdp4"), ("grpo", "dp2_fsdp2_tp2"), ("ppo", "tp8"), ("rloo", "dp8")}))
 def test_alignment_step_matches_single_device(method, name):
     """The acceptance asks for DPO and GRPO; PPO (with its value head) and RLOO are checked too."""
     rng = np.random.default_rng(1)
@@ -138,7 +146,7 @@ def test_alignment_step_matches_single_device(method, name):
     assert frozen_wq.sharding.spec == trainer.state.params["policy"]["layers"]["attn"]["wq"].sharding.spec
 
 
-@pytest.mark.parametrize("name", ["dp2_fsdp2_tp2", "tp8"])
+@pytest.mark.parametrize("name", _quick_if(["dp2_fsdp2_tp2", "tp8"], {"dp2_fsdp2_tp2"}))
 def test_generation_on_a_mesh_matches_one_device_and_shards_the_cache(name):
     """`arlm.generate(..., mesh=)` with params placed by the rules: the same greedy tokens and
     log-probs as one device; the KV cache [L, B, S, N, K] has rows over data × fsdp and heads over tensor."""

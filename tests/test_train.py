@@ -80,12 +80,16 @@ def test_tiny_model_overfits_one_batch():
 SHARD_RTOL, SHARD_ATOL = 1e-5, 1e-6
 
 
-@pytest.mark.parametrize("mesh_cfg", [
-    MeshConfig(data=8),
-    MeshConfig(data=2, fsdp=4, param_sharding="fsdp", min_fsdp_size=1),
-    MeshConfig(data=1, fsdp=8, param_sharding="fsdp", min_fsdp_size=1),
-], ids=["dp8", "dp2xfsdp4", "fsdp8"])
-@pytest.mark.parametrize("family", ["llama", "gpt2_moe"])
+_MESHES = {"dp8": MeshConfig(data=8),
+           "dp2xfsdp4": MeshConfig(data=2, fsdp=4, param_sharding="fsdp", min_fsdp_size=1),
+           "fsdp8": MeshConfig(data=1, fsdp=8, param_sharding="fsdp", min_fsdp_size=1)}
+# the quick subset keeps one mesh per family (dp, fsdp both covered); CI runs all six
+_QUICK = {("llama", "dp2xfsdp4"), ("gpt2_moe", "fsdp8")}
+
+
+@pytest.mark.parametrize("family, mesh_cfg", [
+    pytest.param(f, m, id=f"{f}-{name}", marks=() if (f, name) in _QUICK else pytest.mark.slow)
+    for f in ("llama", "gpt2_moe") for name, m in _MESHES.items()])
 def test_sharded_step_matches_single_device(mesh_cfg, family):
     assert len(jax.devices()) == 8
     cfg = TINY if family == "llama" else arlm.ModelConfig.gpt2(
