@@ -11,7 +11,13 @@ import optax
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW settings. `grad_accum` micro-batches are summed into one update."""
+    """AdamW settings, and the number of micro-batches per update.
+
+    grad_accum: `make_train_step` splits each batch into this many micro-batches and averages
+      their gradients, weighted by each micro-batch's token count (`metrics["tokens"]`) when the
+      loss reports one, so one update equals one pass over the whole batch
+      (`arlm.train.step.accumulate_gradients`). The optimizer itself does not read it.
+    """
 
     learning_rate: float = 3e-3
     warmup_steps: int = 100

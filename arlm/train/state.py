@@ -15,7 +15,12 @@ from arlm.sharding import MeshConfig, named, param_specs
 
 @flax.struct.dataclass
 class TrainState:
-    """step: int32 scalar; params: the model pytree; opt_state: optax state; rng: uint32[2] key."""
+    """step: int32 scalar; params: the model pytree; opt_state: optax state.
+
+    rng: a uint32[2] PRNG key, split once per train step and checkpointed with the state, so a
+    resumed run continues the same key sequence; the built-in losses are deterministic and do
+    not draw from it (sampling in alignment uses the `Trainer`'s own key).
+    """
 
     step: jax.Array
     params: Any
