@@ -513,7 +513,7 @@ def profile_generate(run: Callable[[], Any], cfg: ModelConfig, n_steps: int, tra
 
 def generate_hlo_text(cfg: ModelConfig, params: Any, prompt_BxP: np.ndarray, n_new: int) -> str:
     """The optimized HLO of the program `arlm.generate` runs for these shapes (greedy, no stop ids)."""
-    gen = sys.modules["arlm.inference.generate"]
+    gen = sys.modules["arlm.inference.decoding"]
     prompt, start = gen.pad_prompts(cfg, prompt_BxP, n_new)
     return gen._generate.lower(cfg, params, jnp.asarray(prompt), jnp.asarray(start), jax.random.PRNGKey(0),
                                jnp.asarray([-1], jnp.int32), sampler=GREEDY, max_new_tokens=n_new, pad_id=0,

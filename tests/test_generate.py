@@ -291,6 +291,47 @@ def test_on_token_streams_every_step_in_order():
     assert len(calls) == lengths.max()
 
 
+def test_concurrent_streams_each_reach_their_own_callback():
+    """Two generate calls streaming from two threads at once: every step reaches its own callback
+    (streams are keyed per call, not a shared stack), and one compiled program serves both."""
+    import threading
+
+    config, params = model("gpt2")
+    results, calls = {}, {0: [], 1: []}
+
+    def run(k: int) -> None:
+        results[k] = arlm.generate(config, params, PROMPTS, key=jax.random.PRNGKey(10 + k), max_new_tokens=N_NEW,
+                                   sampler=Sampler(1.0), on_token=lambda i, tok, live: calls[k].append(tok.copy()))
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in (0, 1):
+        tokens = np.asarray(results[k].tokens_BxN)
+        np.testing.assert_array_equal(np.stack(calls[k], 1), tokens[:, :len(calls[k])])
+    assert not np.array_equal(np.asarray(results[0].tokens_BxN), np.asarray(results[1].tokens_BxN))
+
+
+def test_output_carries_the_padded_prompt_and_completion_mask_to_score_it():
+    """prompt_BxP + tokens_BxN under completion_mask_BxN, re-scored by a full forward pass, give back
+    the log-probs generate reported: a caller can score its own output with nothing else."""
+    config, params = model("llama_gqa")
+    out = arlm.generate(config, params, PROMPTS, key=jax.random.PRNGKey(5), max_new_tokens=N_NEW,
+                        sampler=Sampler(1.0), eos_id=2, stop_ids=[7], pad_id=0)
+    prompt, tokens = np.asarray(out.prompt_BxP), np.asarray(out.tokens_BxN)
+    mask, lengths = np.asarray(out.completion_mask_BxN), np.asarray(out.lengths_B)
+    np.testing.assert_array_equal(mask, np.arange(N_NEW)[None, :] < lengths[:, None])
+    p = prompt.shape[1]
+    for b, row in enumerate(PROMPTS):
+        np.testing.assert_array_equal(prompt[b, p - len(row):], row)
+        seq = [*row, *tokens[b, mask[b]].tolist()]
+        log_probs = jax.nn.log_softmax(full_logits(config, params, seq), -1)
+        ref = [log_probs[len(row) - 1 + j, t] for j, t in enumerate(tokens[b, mask[b]])]
+        assert rel_err(np.asarray(out.log_probs_BxN)[b, mask[b]], ref) <= TOL
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. Context overflow (eq. 18) and input validation
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from _params import random_params  # noqa: E402
 import arlm  # noqa: E402
 from arlm import ModelConfig, Sampler  # noqa: E402
 from arlm.data.tokenizers import ByteTokenizer, train_bpe  # noqa: E402
-from arlm.inference.generate import _generate, bucket_length, pad_prompts  # noqa: E402
+from arlm.inference.decoding import _generate, bucket_length, pad_prompts  # noqa: E402
 from arlm.inference.perplexity import window_spans  # noqa: E402
 from arlm.inference.simple import sample_tokens  # noqa: E402
 

@@ -18,7 +18,7 @@ import numpy as np
 from arlm.alignment.verifiers import Verifier, score
 from arlm.config import ModelConfig
 from arlm.inference import Sampler, generate
-from arlm.inference.generate import pad_prompts
+from arlm.inference.decoding import pad_prompts
 from arlm.objectives.heads import reward_model_scores
 from arlm.objectives.sequences import sequence_batch
 

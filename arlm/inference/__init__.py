@@ -2,7 +2,7 @@
 from arlm.inference.cache import KVCache, forward_with_cache, init_cache
 from arlm.inference.differentiable import (reinforce_surrogate, relaxed_rollout, rollout_hidden_states,
                                            sequence_log_prob)
-from arlm.inference.generate import GenerateOutput, generate
+from arlm.inference.decoding import GenerateOutput, generate
 from arlm.inference.sampling import GREEDY, Sampler
 
 __all__ = ["GREEDY", "GenerateOutput", "KVCache", "Sampler", "forward_with_cache", "generate", "init_cache",

@@ -1,5 +1,9 @@
 """`arlm.generate`: prefill, then a jit-compiled `lax.while_loop` of decode steps over the KV cache.
 
+The loop carries a `DecodeState` (the cache, the next logits, the tokens so far, …). Streaming
+callbacks are looked up by a per-call id the compiled loop passes back to the host, so nested
+or concurrent `generate` calls each reach their own callback and one program serves them all.
+
 Eqs. 16–18: each step samples x_{t+1} ~ softmax(z_t/τ) (with optional top-k,
 top-p, min-p truncation), appends its key/value to the cache (eq. 17), and
 stops per row at EOS/stop tokens. Prompts longer than the window (eq. 18) lose
@@ -9,17 +13,20 @@ their head under the explicit "truncate" policy, with a warning.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import threading
 import warnings
 from functools import partial
 from typing import Any, Callable, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from arlm.config import ModelConfig
-from arlm.inference.cache import forward_with_cache, init_cache
+from arlm.inference.cache import KVCache, forward_with_cache, init_cache
 from arlm.inference.sampling import GREEDY, Sampler, check_int
 from arlm.model.transformer import check_token_ids
 from arlm.sharding import cache_spec
@@ -33,18 +40,44 @@ class GenerateOutput:
     the stop token included; log_probs_BxN: log π_θ(y_t | x, y_<t) of the chosen tokens under the
     model (τ = 1, no truncation; 0 after stop), the quantity alignment objectives recompute;
     sample_log_probs_BxN: the same under the distribution actually sampled from (τ, truncation);
-    prompt_lengths_B: prompt tokens used after any truncation (eq. 18)."""
+    prompt_lengths_B: prompt tokens used after any truncation (eq. 18);
+    prompt_BxP: the left-padded prompts the model actually read (pad_id before each row's start);
+    completion_mask_BxN: True on generated tokens (the stop token included), False after a stop.
+    With prompt_BxP and completion_mask_BxN a caller can score its own output exactly."""
 
     tokens_BxN: Array
     lengths_B: Array
     log_probs_BxN: Array
     sample_log_probs_BxN: Array
     prompt_lengths_B: Array
+    prompt_BxP: Array | None = None
+    completion_mask_BxN: Array | None = None
 
 
 jax.tree_util.register_dataclass(
     GenerateOutput, data_fields=["tokens_BxN", "lengths_B", "log_probs_BxN", "sample_log_probs_BxN",
-                                 "prompt_lengths_B"], meta_fields=[])
+                                 "prompt_lengths_B", "prompt_BxP", "completion_mask_BxN"], meta_fields=[])
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """What one decode step reads and writes (the `lax.while_loop` carry).
+
+    step: int32 index of the next token; cache: the KV cache (eq. 17); logits_BxV: float32 logits
+    of the next token; key: PRNG key; tokens_BxN: ids so far (pad_id elsewhere); done_B: rows that
+    emitted a stop token; log_probs_BxN / sample_log_probs_BxN: see `GenerateOutput`; lengths_B:
+    tokens generated per row.
+    """
+
+    step: Array
+    cache: KVCache
+    logits_BxV: Array
+    key: Array
+    tokens_BxN: Array
+    done_B: Array
+    log_probs_BxN: Array
+    sample_log_probs_BxN: Array
+    lengths_B: Array
 
 
 def bucket_length(n: int, bucket: int | str) -> int:
@@ -99,18 +132,18 @@ def pad_prompts(config: ModelConfig, prompts: Sequence[Sequence[int]] | np.ndarr
 @partial(jax.jit, static_argnames=("config", "sampler", "max_new_tokens", "pad_id", "stream", "cache_sharding"))
 def _generate(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Array, key: Array,
               stop_ids: Array, *, sampler: Sampler, max_new_tokens: int, pad_id: int, stream: bool,
-              cache_sharding: NamedSharding | None = None):
+              cache_sharding: NamedSharding | None = None, stream_id: Array | int = 0):
     if cache_sharding is not None:        # on a mesh, activations follow the rules too (`arlm.sharding`)
         with jax.sharding.use_abstract_mesh(cache_sharding.mesh.abstract_mesh):
             return _decode(config, params, prompt_BxP, start_B, key, stop_ids, sampler, max_new_tokens,
-                           pad_id, stream, cache_sharding)
+                           pad_id, stream, cache_sharding, stream_id)
     return _decode(config, params, prompt_BxP, start_B, key, stop_ids, sampler, max_new_tokens, pad_id, stream,
-                   None)
+                   None, stream_id)
 
 
 def _decode(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Array, key: Array, stop_ids: Array,
             sampler: Sampler, max_new_tokens: int, pad_id: int, stream: bool,
-            cache_sharding: NamedSharding | None):
+            cache_sharding: NamedSharding | None, stream_id: Array | int = 0):
     """Prefill the cache with the prompts, then decode up to `max_new_tokens` in a `lax.while_loop`."""
     b, p = prompt_BxP.shape
     n = max_new_tokens
@@ -121,33 +154,35 @@ def _decode(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Array,
     logits, cache = forward_with_cache(config, params, cache, jnp.where(is_pad_BxP, 0, prompt_BxP),
                                        last_logits_only=True)
 
-    def cond(state):
-        i, _, _, _, _, done, *_ = state
-        return (i < n) & ~jnp.all(done)
+    def cond(s: DecodeState) -> Array:
+        return (s.step < n) & ~jnp.all(s.done_B)
 
-    def body(state):
-        i, cache, logits_BxV, key, tokens, done, logp, slogp, lengths = state
-        key, sub = jax.random.split(key)
-        tok = sampler(logits_BxV, sub)
-        tok = jnp.where(done, pad_id, tok)
-        take = lambda lp: jnp.take_along_axis(lp, tok[:, None], -1)[:, 0]  # noqa: E731
-        live = ~done
-        logp = logp.at[:, i].set(jnp.where(live, take(jax.nn.log_softmax(logits_BxV, -1)), 0.0))
-        slogp = slogp.at[:, i].set(jnp.where(live, take(sampler.log_probs(logits_BxV)), 0.0))
-        tokens = tokens.at[:, i].set(tok)
-        lengths = lengths + live.astype(jnp.int32)
+    def body(s: DecodeState) -> DecodeState:
+        key, sub = jax.random.split(s.key)
+        live_B = ~s.done_B
+        tok_B = jnp.where(s.done_B, pad_id, sampler(s.logits_BxV, sub))
+
+        def chosen(log_probs_BxV: Array) -> Array:
+            return jnp.where(live_B, jnp.take_along_axis(log_probs_BxV, tok_B[:, None], -1)[:, 0], 0.0)
+
         if stream:
-            jax.debug.callback(_stream_callback, i, tok, live, ordered=True)
-        done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-        logits, cache = forward_with_cache(config, params, cache, jnp.where(live, tok, 0)[:, None])
-        cache = _constrain(cache, cache_sharding)
-        return i + 1, cache, logits[:, 0], key, tokens, done, logp, slogp, lengths
+            jax.debug.callback(_stream_callback, stream_id, s.step, tok_B, live_B, ordered=True)
+        logits, cache = forward_with_cache(config, params, s.cache, jnp.where(live_B, tok_B, 0)[:, None])
+        return DecodeState(
+            step=s.step + 1, cache=_constrain(cache, cache_sharding), logits_BxV=logits[:, 0], key=key,
+            tokens_BxN=s.tokens_BxN.at[:, s.step].set(tok_B),
+            done_B=s.done_B | jnp.any(tok_B[:, None] == stop_ids[None, :], axis=-1),
+            log_probs_BxN=s.log_probs_BxN.at[:, s.step].set(chosen(jax.nn.log_softmax(s.logits_BxV, -1))),
+            sample_log_probs_BxN=s.sample_log_probs_BxN.at[:, s.step].set(chosen(sampler.log_probs(s.logits_BxV))),
+            lengths_B=s.lengths_B + live_B.astype(jnp.int32))
 
-    state = (jnp.zeros((), jnp.int32), cache, logits[:, 0], key, jnp.full((b, n), pad_id, jnp.int32),
-             jnp.zeros((b,), bool), jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), jnp.float32),
-             jnp.zeros((b,), jnp.int32))
-    _, _, _, _, tokens, _, logp, slogp, lengths = jax.lax.while_loop(cond, body, state)
-    return tokens, lengths, logp, slogp
+    init = DecodeState(
+        step=jnp.zeros((), jnp.int32), cache=cache, logits_BxV=logits[:, 0], key=key,
+        tokens_BxN=jnp.full((b, n), pad_id, jnp.int32), done_B=jnp.zeros((b,), bool),
+        log_probs_BxN=jnp.zeros((b, n), jnp.float32), sample_log_probs_BxN=jnp.zeros((b, n), jnp.float32),
+        lengths_B=jnp.zeros((b,), jnp.int32))
+    final = jax.lax.while_loop(cond, body, init)
+    return final.tokens_BxN, final.lengths_B, final.log_probs_BxN, final.sample_log_probs_BxN
 
 
 def _constrain(cache, sharding: NamedSharding | None):
@@ -158,12 +193,17 @@ def _constrain(cache, sharding: NamedSharding | None):
                          v=jax.lax.with_sharding_constraint(cache.v, sharding))
 
 
-_STREAM: list[Callable[[int, np.ndarray, np.ndarray], None]] = []
+_STREAMS: dict[int, Callable[[int, np.ndarray, np.ndarray], None]] = {}   # stream id → on_token
+_STREAM_IDS = itertools.count(1)
+_STREAMS_LOCK = threading.Lock()
 
 
-def _stream_callback(i, tok, live) -> None:
-    if _STREAM:
-        _STREAM[-1](int(i), np.asarray(tok), np.asarray(live))
+def _stream_callback(stream_id, i, tok, live) -> None:
+    """Host side of streaming: hand one decode step to the callback registered under `stream_id`."""
+    with _STREAMS_LOCK:
+        on_token = _STREAMS.get(int(stream_id))
+    if on_token is not None:
+        on_token(int(i), np.asarray(tok), np.asarray(live))
 
 
 def generate(
@@ -208,8 +248,11 @@ def generate(
     prompt_BxP, start_B = pad_prompts(config, prompts, max_new_tokens, pad_id=pad_id, overflow=overflow,
                                       bucket=prompt_bucket)
     stops = sorted({*map(int, stop_ids), *([] if eos_id is None else [int(eos_id)])}) or [-1]
+    stream_id = 0
     if on_token is not None:
-        _STREAM.append(on_token)
+        with _STREAMS_LOCK:
+            stream_id = next(_STREAM_IDS)
+            _STREAMS[stream_id] = on_token
     try:
         prompt, start = jnp.asarray(prompt_BxP), jnp.asarray(start_B)
         cache_sharding = None
@@ -221,10 +264,13 @@ def generate(
         tokens, lengths, logp, slogp = _generate(
             config, params, prompt, start, key, jnp.asarray(stops, jnp.int32),
             sampler=sampler, max_new_tokens=max_new_tokens, pad_id=pad_id, stream=on_token is not None,
-            cache_sharding=cache_sharding)
+            cache_sharding=cache_sharding, stream_id=jnp.asarray(stream_id, jnp.int32))
         if on_token is not None:
             jax.effects_barrier()
     finally:
         if on_token is not None:
-            _STREAM.pop()
-    return GenerateOutput(tokens, lengths, logp, slogp, jnp.asarray(prompt_BxP.shape[1] - start_B))
+            with _STREAMS_LOCK:
+                _STREAMS.pop(stream_id, None)
+    completion_mask_BxN = jnp.arange(max_new_tokens)[None, :] < lengths[:, None]
+    return GenerateOutput(tokens, lengths, logp, slogp, jnp.asarray(prompt_BxP.shape[1] - start_B),
+                          jnp.asarray(prompt_BxP), completion_mask_BxN)
