@@ -2,7 +2,8 @@
 
 (a) `sequence_log_prob`: log π_θ(y | x) of a sampled trajectory as a function of params — the
     score-function (REINFORCE) estimator ∇E[f(y)] = E[f(y) ∇ log π_θ(y|x)] uses it
-    (`reinforce_surrogate`).
+    (`reinforce_surrogate`). From an `arlm.generate` output (ragged, left-padded prompts, rows
+    that stopped early) in one call: `generated_log_prob`, `score_function_gradient`.
 (b) `relaxed_rollout`: a Gumbel-softmax rollout; each step feeds the expected embedding
     ỹ_t E (or, straight-through, the hard one-hot's embedding with the soft gradient) back in,
     so gradients reach the params and the prompt embeddings.
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 
 from arlm.config import ModelConfig
 from arlm.inference.cache import forward_with_cache, init_cache
+from arlm.inference.decoding import GenerateOutput
 from arlm.model import apply_model, embed_tokens
 from arlm.objectives.lm import token_log_probs
 
@@ -44,6 +46,39 @@ def reinforce_surrogate(log_prob_B: Array, reward_B: Array, baseline: Array | fl
     """A scalar whose gradient is the score-function estimate of ∇_θ E[f(y)]: mean((f − b)·log π_θ(y))."""
     advantage = jax.lax.stop_gradient(reward_B - baseline)
     return jnp.mean(advantage * log_prob_B)
+
+
+def generated_log_prob(config: ModelConfig, params: Any, out: GenerateOutput) -> Array:
+    """log π_θ(y | x) [B] of what `arlm.generate` returned, as a differentiable function of params.
+
+    Reads `out.prompt_BxP` (left-padded), `out.tokens_BxN` and `out.completion_mask_BxN`: padding
+    is masked out of attention and positions count from each row's first real token, as in the
+    sampler, so the value equals Σ_t out.log_probs_BxN (τ = 1) up to float32 rounding.
+    """
+    if out.prompt_BxP is None or out.completion_mask_BxN is None:
+        raise ValueError("this GenerateOutput carries no prompt_BxP / completion_mask_BxN; use arlm.generate's")
+    prompt, tokens, done_mask = out.prompt_BxP, out.tokens_BxN, out.completion_mask_BxN
+    p, n = prompt.shape[1], tokens.shape[1]
+    start_B = p - out.prompt_lengths_B
+    idx_T = jnp.arange(p + n, dtype=jnp.int32)
+    real_BxT = (idx_T[None, :] >= start_B[:, None]) & jnp.concatenate(
+        [jnp.ones_like(prompt, bool), done_mask.astype(bool)], axis=1)
+    seq_BxT = jnp.where(real_BxT, jnp.concatenate([prompt, tokens], axis=1), 0)
+    positions_BxT = jnp.maximum(idx_T[None, :] - start_B[:, None], 0)
+    logits = apply_model(config, params, seq_BxT[:, :-1], positions=positions_BxT[:, :-1],
+                         attention_mask=real_BxT[:, :-1]).logits_BxTxV
+    logp_BxN = token_log_probs(logits[:, p - 1:], seq_BxT[:, p:])
+    return jnp.sum(jnp.where(done_mask, logp_BxN, 0.0), axis=-1)
+
+
+def score_function_gradient(config: ModelConfig, params: Any, out: GenerateOutput, reward_B: Array,
+                            baseline: Array | float = 0.0) -> Any:
+    """The score-function (REINFORCE) estimate of ∇_θ E_y[f(y)] from one `arlm.generate` batch.
+
+    mean_b (f(y_b) − baseline) ∇_θ log π_θ(y_b | x_b), a pytree shaped like `params`; unbiased when
+    `out` was sampled at τ = 1 without truncation and the baseline does not depend on y_b.
+    """
+    return jax.grad(lambda p: reinforce_surrogate(generated_log_prob(config, p, out), reward_B, baseline))(params)
 
 
 def relaxed_rollout(config: ModelConfig, params: Any, prompt_embeddings_BxPxD: Array, key: Array,
