@@ -68,4 +68,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from _help import exit_with_help_if_asked
+
+    exit_with_help_if_asked(__doc__, os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                                                  "pistar.py"))
     app.run(main)
