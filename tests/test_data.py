@@ -327,3 +327,20 @@ def test_count_bytes(bpe512: tok_lib.BPETokenizer):
     assert pipeline.count_bytes(bpe512, ids) == len(text.encode("utf-8"))
     byte_tok = tok_lib.ByteTokenizer()
     assert pipeline.count_bytes(byte_tok, np.array(byte_tok.encode("héllo"))) == 6
+
+
+def test_byte_alphabet_is_the_byte_level_pre_tokenizers():
+    """arlm's one byte-level alphabet (used by BPE token_bytes and the GGUF tokenizer) equals the
+    `tokenizers` ByteLevel alphabet and round-trips every byte through the pre-tokenizer."""
+    from tokenizers import pre_tokenizers
+
+    from arlm.data.tokenizers import byte_to_unicode
+
+    table = byte_to_unicode()
+    assert sorted(table) == list(range(256)) and set(table.values()) == set(pre_tokenizers.ByteLevel.alphabet())
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    for b in range(256):
+        text = bytes([b]).decode("latin-1")
+        if b < 128:      # single-byte UTF-8: the pre-tokenizer's spelling of that byte
+            assert pre.pre_tokenize_str(text)[0][0] == table[b]
+    assert (table[ord(" ")], table[ord("\n")]) == ("Ġ", "Ċ")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from arlm.checkpoints.layout import CheckpointFormatError
-from arlm.data.tokenizers import BPETokenizer
+from arlm.data.tokenizers import BPETokenizer, byte_to_unicode
 
 _CONTROL, _USER_DEFINED = 3, 4
 
@@ -51,20 +51,6 @@ def _token_id(reader, key: str, n_tokens: int) -> int | None:
     return int(value)
 
 
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's reversible byte → printable-unicode map."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
 def tokenizer_from_gguf(reader) -> GGUFTokenizer:
     """The byte-level BPE tokenizer of a GGUF file, with its special-token metadata."""
     from arlm.checkpoints.gguf_file import field, required_field
@@ -77,7 +63,7 @@ def tokenizer_from_gguf(reader) -> GGUFTokenizer:
     if merges_raw is None:
         raise CheckpointFormatError("GGUF byte-level tokenizer has no tokenizer.ggml.merges")
     token_types = list(field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    spelling = _byte_alphabet()
+    spelling = byte_to_unicode()
     alphabet = set(spelling.values())
     vocab = {}
     for i, tok in enumerate(tokens):

@@ -39,6 +39,7 @@ __all__ = [
     "train_bpe",
     "cache_root",
     "get_tokenizer",
+    "byte_to_unicode",
 ]
 
 EOS_TOKEN: str = "<|endoftext|>"
@@ -161,19 +162,19 @@ class ByteTokenizer(Tokenizer):
 
 
 @functools.lru_cache(maxsize=1)
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable-character table, the alphabet of every byte-level BPE
+    (the ByteLevel pre-tokenizer's, and GGUF's `gpt2` vocabularies'): printable Latin-1 bytes map
+    to themselves, the other bytes to chr(256 + n) in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+@functools.lru_cache(maxsize=1)
 def _byte_level_unicode_to_byte() -> dict[str, int]:
-    """Inverse of GPT-2's bytes->unicode table used by the ByteLevel pre-tokenizer."""
-    bs = list(range(ord("!"), ord("~") + 1))
-    bs += list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    """Inverse of `byte_to_unicode`."""
+    return {c: b for b, c in byte_to_unicode().items()}
 
 
 class BPETokenizer(Tokenizer):
