@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from arlm.checkpoints.gguf_metadata import field, required_field
+from arlm.checkpoints.gguf_tokenizer import tokenizer_from_gguf
 from arlm.checkpoints.layout import CheckpointFormatError, Tensors, llama_params_from_hf
 from arlm.config import ModelConfig
 
@@ -60,20 +62,6 @@ def open_gguf(path: str):
         return gguf.GGUFReader(path)
     except Exception as err:  # the reader raises ValueError/IndexError/struct errors on damage
         raise CheckpointFormatError(f"cannot read GGUF file {path}: truncated or corrupt ({err})") from err
-
-
-def field(reader, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
-
-
-def required_field(reader, key: str) -> Any:
-    value = field(reader, key)
-    if value is None:
-        raise CheckpointFormatError(f"GGUF file lacks the required field {key!r}")
-    return value
 
 
 def architecture(reader) -> str:
@@ -188,8 +176,6 @@ def gguf_tensors_as_hf(reader, cfg: ModelConfig, arch: str = "llama") -> Tensors
 def load_gguf(path: str) -> tuple[ModelConfig, dict[str, Any], Any, str | None, str]:
     """(config, params, tokenizer, chat_template, Hugging Face model_type) from a llama / qwen2 / qwen3 /
     phi3 GGUF file."""
-    from arlm.checkpoints.gguf_tokenizer import tokenizer_from_gguf
-
     from arlm.checkpoints.hf_config import FAMILIES
 
     reader = open_gguf(path)

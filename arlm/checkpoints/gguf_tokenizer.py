@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from arlm.checkpoints.gguf_metadata import field, required_field
 from arlm.checkpoints.layout import CheckpointFormatError
 from arlm.data.tokenizers import BPETokenizer, byte_to_unicode
 
@@ -41,8 +42,6 @@ class GGUFTokenizer(BPETokenizer):
 
 def _token_id(reader, key: str, n_tokens: int) -> int | None:
     """A token-id metadata field, checked to lie in the vocabulary (None if absent)."""
-    from arlm.checkpoints.gguf_file import field
-
     value = field(reader, key)
     if value is None:
         return None
@@ -53,8 +52,6 @@ def _token_id(reader, key: str, n_tokens: int) -> int | None:
 
 def tokenizer_from_gguf(reader) -> GGUFTokenizer:
     """The byte-level BPE tokenizer of a GGUF file, with its special-token metadata."""
-    from arlm.checkpoints.gguf_file import field, required_field
-
     kind = field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise CheckpointFormatError(f"unsupported GGUF tokenizer model {kind!r}; arlm builds byte-level BPE ('gpt2')")
