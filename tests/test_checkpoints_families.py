@@ -212,6 +212,13 @@ def test_malformed_config_values_are_named(changes, message):
         config_from_hf(_llama_cfg(**changes))
 
 
+def test_legacy_rope_scaling_beside_default_rope_parameters_is_applied():
+    """A config with rope_scaling (older transformers) and default rope_parameters: the scaling is not lost."""
+    cfg, _ = config_from_hf(_llama_cfg(rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+                                       rope_scaling={"type": "linear", "factor": 4.0}))
+    assert cfg.rope_scaling == ("linear", 4.0) and cfg.rope_theta == 5e5
+
+
 def test_numpy_integers_are_integers():
     cfg, _ = config_from_hf(_llama_cfg(hidden_size=np.int64(32), num_hidden_layers=np.int32(2)))
     assert cfg.d_model == 32 and type(cfg.d_model) is int and cfg.n_layers == 2

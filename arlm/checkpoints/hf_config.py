@@ -167,7 +167,10 @@ def _rope(r: HfConfigReader, model_type: str) -> tuple[float, float | None, tupl
     if legacy is not None:
         if not isinstance(legacy, dict):
             raise CheckpointFormatError(f"{r.where}: field 'rope_scaling' must be an object, got {legacy!r}")
-        full = {**legacy, **full} if full.get("rope_type", "default") == "default" else full
+        legacy_kind = legacy.get("rope_type", legacy.get("type", "default"))
+        if legacy_kind != "default" and full.get("rope_type", "default") == "default":
+            # an older config's rope_scaling next to default rope_parameters: the scaling applies
+            full = {**full, **legacy, "rope_type": legacy_kind}
     for p in (full, local):
         if p is not None and not isinstance(p, dict):
             raise CheckpointFormatError(f"{r.where}: field 'rope_parameters' must hold objects, got {p!r}")
