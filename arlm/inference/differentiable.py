@@ -49,7 +49,7 @@ def reinforce_surrogate(log_prob_B: Array, reward_B: Array, baseline: Array | fl
 
 
 def generated_log_prob(config: ModelConfig, params: Any, out: GenerateOutput) -> Array:
-    """log π_θ(y | x) [B] of what `arlm.generate` returned, as a differentiable function of params.
+    """log π_θ(y | x) [B] (eq. 16's sampled tokens) of what `arlm.generate` returned, differentiable in params.
 
     Reads `out.prompt_BxP` (left-padded), `out.tokens_BxN` and `out.completion_mask_BxN`: padding
     is masked out of attention and positions count from each row's first real token, as in the
@@ -73,7 +73,7 @@ def generated_log_prob(config: ModelConfig, params: Any, out: GenerateOutput) ->
 
 def score_function_gradient(config: ModelConfig, params: Any, out: GenerateOutput, reward_B: Array,
                             baseline: Array | float = 0.0) -> Any:
-    """The score-function (REINFORCE) estimate of ∇_θ E_y[f(y)] from one `arlm.generate` batch.
+    """The score-function (REINFORCE) estimate of ∇_θ E_{y∼π_θ (eq. 16)}[f(y)] from one `arlm.generate` batch.
 
     mean_b (f(y_b) − baseline) ∇_θ log π_θ(y_b | x_b), a pytree shaped like `params`; unbiased when
     `out` was sampled at τ = 1 without truncation and the baseline does not depend on y_b.

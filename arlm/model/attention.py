@@ -71,7 +71,7 @@ def causal_mask(q_positions_BxT: Array, kv_positions_BxS: Array) -> Array:
 
 
 def window_mask(q_positions_BxT: Array, kv_positions_BxS: Array, window: int) -> Array:
-    """True where key position s is within the last `window` positions up to t: t − s < W (sliding window)."""
+    """Eq. 3 restricted to a sliding window: True where t − s < W (the key is among the last W positions)."""
     return q_positions_BxT[:, :, None] - kv_positions_BxS[:, None, :] < window
 
 

@@ -57,7 +57,7 @@ class Norm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None = None) -> Array:
-    """Inverse frequencies θ^(−2i/K), i < K/2, float32, optionally rescaled for longer contexts.
+    """Eq. 1 (RoPE variant): inverse frequencies θ^(−2i/K), i < K/2, float32, optionally rescaled.
 
     scaling: None; ("linear", factor): every frequency / factor; ("llama3", factor,
     low_freq_factor, high_freq_factor, original_context): Llama 3.1's rule, long wavelengths
