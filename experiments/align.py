@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from arlm.alignment.job import run_alignment  # noqa: E402
+from arlm.jobs.align import run_alignment  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "align.py"), "job config")

@@ -3,7 +3,7 @@
     python experiments/phenomena.py --config.study=S      S ∈ trace, temperature, drift, sycophancy, icl, cot_rag
 
 Loads `--config.model` (default SmolLM2-135M-Instruct; any path `arlm.load` takes), runs the study
-of `arlm.analysis.studies`, and writes summary.json and S.png into --config.workdir (default
+of `arlm.jobs.phenomena`, and writes summary.json and S.png into --config.workdir (default
 runs/phenomena/S/). Each summary states the paper's claim and what the measurement says about it.
 """
 
@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from arlm.analysis.studies import run_study  # noqa: E402
+from arlm.jobs.phenomena import run_study  # noqa: E402
 
 
 def _items_alias(argv: list[str]) -> list[str]:

@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from arlm.alignment import convergence  # noqa: E402
+from arlm.jobs import pistar  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "pistar.py"), "job config")
@@ -47,11 +47,11 @@ def main(argv):
     del argv
     c = _CONFIG.value
     os.makedirs(c.workdir, exist_ok=True)
-    problem = convergence.Problem(vocab=c.vocab, length=c.length, n_prompts=c.n_prompts, beta=c.beta)
+    problem = pistar.Problem(vocab=c.vocab, length=c.length, n_prompts=c.n_prompts, beta=c.beta)
     histories, summary = {}, {}
     for m in c.methods:
-        run_cfg = dataclasses.replace(convergence.DEFAULT_RUNS[m], iterations=c.iterations, seed=c.seed)
-        h = convergence.run(m, problem, run_cfg, progress=True)
+        run_cfg = dataclasses.replace(pistar.DEFAULT_RUNS[m], iterations=c.iterations, seed=c.seed)
+        h = pistar.run(m, problem, run_cfg, progress=True)
         histories[m] = h
         kl = h["kl_to_optimum"]
         summary[m] = {"kl_start": kl[0], "kl_final": kl[-1], "kl_min": min(kl), "kl_final_over_start": kl[-1] / kl[0],

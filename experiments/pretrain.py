@@ -22,7 +22,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from arlm import distributed  # noqa: E402
-from arlm.train.pretrain_job import run_pretraining  # noqa: E402
+from arlm.jobs.pretrain import run_pretraining  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "pretrain.py"), "job config")

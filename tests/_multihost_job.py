@@ -13,7 +13,7 @@ from arlm import distributed  # noqa: E402
 
 distributed.initialize()
 
-from arlm.train.pretrain_job import run_pretraining  # noqa: E402
+from arlm.jobs.pretrain import run_pretraining  # noqa: E402
 from tests._tiny_job import tiny_job_config  # noqa: E402
 
 workdir, steps, log_every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

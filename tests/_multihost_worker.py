@@ -39,8 +39,8 @@ if mode != "pretrain":
     import optax
 
     from arlm.alignment import Trainer
+    from arlm.model.log_probs import sequence_batch
     from arlm.objectives import DPO, GRPO, KLObjective, KLRegularizer, Policy
-    from arlm.objectives.sequences import sequence_batch
 
     def sequences(rng, b, p=5, n=6):
         prompt = rng.integers(1, 64, (b, p)).astype(np.int32)

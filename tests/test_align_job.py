@@ -10,7 +10,7 @@ import os
 import jax
 import pytest
 
-from arlm.alignment.job import METHODS, run_alignment
+from arlm.jobs.align import METHODS, run_alignment
 from arlm.train.metrics import read_metrics
 from tests._hf_oracle import gguf_path_or_skip
 
@@ -107,7 +107,7 @@ def test_align_job_smollm2_config_runs(tmp_path):
 def test_sft_start_stops_at_the_first_check_that_reaches_the_target():
     """π_ref of the CPU default is SFT-ed until its greedy answers solve `target_success` of the probe
     problems: the run stops at the first check that reaches it, so one check earlier it had not."""
-    from arlm.alignment.job import _task_and_model, greedy_success
+    from arlm.jobs.align import _task_and_model, greedy_success
 
     def start(**fields):
         c = _config("align")

@@ -7,7 +7,7 @@
     adapter leaves train, and the policy starts exactly at π_ref;
   * a Bradley–Terry reward model (eq. 11) learns a known reward from preference pairs;
   * every estimator (PPO, GRPO, RLOO, DPO, RSFT) moves π_θ toward π* ∝ π_ref exp(r/β) (eq. 10) on a
-    problem small enough to compute KL(π_θ ‖ π*) and J exactly (`arlm.alignment.convergence`);
+    problem small enough to compute KL(π_θ ‖ π*) and J exactly (`arlm.jobs.pistar`);
   * the errors that the estimators and rollout helpers promise.
 
 Loss formulas against numpy and finite-difference gradients live in test_objectives.py and
@@ -26,16 +26,16 @@ import pytest
 from _params import random_params
 
 from arlm import ModelConfig, Sampler, apply_model, init_params
-from arlm.alignment import convergence
 from arlm.alignment.rollout import preference_pairs, sample_rollout
 from arlm.alignment.trainer import Trainer, exact_kl_to
+from arlm.jobs import pistar
+from arlm.model.log_probs import policy_outputs, sequence_batch
+from arlm.model.lora import LoraConfig, count_lora_params, init_lora, merge_lora
 from arlm.objectives.heads import init_reward_model, reward_model_scores
 from arlm.objectives.kl import KLRegularizer
 from arlm.objectives.kl_regularized import DPO, GRPO, RLOO, RSFT, KLObjective, Policy
 from arlm.objectives.preference import bradley_terry_loss
-from arlm.objectives.sequences import policy_outputs, sequence_batch
 from arlm.sharding import MeshConfig, batch_sharding, make_mesh
-from arlm.train.lora import LoraConfig, count_lora_params, init_lora, merge_lora
 from arlm.train.state import state_from_params
 from arlm.train.step import make_train_step
 
@@ -140,8 +140,8 @@ def test_trainer_logp_equals_sampler_logp(name):
 
     # the "old_logp" (and, with π_θ = π_ref, the "ref_logp") that KLObjective.prepare stores
     objective = KLObjective(Policy(config), KLRegularizer(0.1), GRPO(group_size=K))
-    prepared = jax.jit(objective.prepare)({"policy": params}, {"ref": params},
-                                          dict(rollout.batch, rewards=count_rewards(rollout)))
+    prepared = jax.jit(objective.prepare)({"policy": params}, dict(rollout.batch, rewards=count_rewards(rollout)),
+                                          {"ref": params})
     check_matches_sampler(prepared["old_logp"], rollout, f"{name} KLObjective.prepare old_logp")
     check_matches_sampler(prepared["ref_logp"], rollout, f"{name} KLObjective.prepare ref_logp")
 
@@ -323,7 +323,7 @@ def test_reward_model_learns_known_reward():
 # 4. Every estimator moves π_θ toward π* (eq. 10), measured exactly
 # ----------------------------------------------------------------------------------------------
 
-# `convergence.run(method)` (defaults: 150 iterations, seed 0; deterministic on a given platform)
+# `pistar.run(method)` (defaults: 150 iterations, seed 0; deterministic on a given platform)
 # records the exact KL(π_θ ‖ π*) and J(π_θ) after every update. Measured KL ratios
 # (mean of the last 15 iterations / initial; seed 0, then the range over seeds 0–9 or 0–3) and the
 # fraction of the gap J* − J_0 closed at the last iteration:
@@ -335,7 +335,7 @@ def test_reward_model_learns_known_reward():
 #   dpo               0.223   [0.202, 0.353]        0.77   [0.65, 0.82]
 #   rsft              0.333   [0.167, 0.434]        0.83   [0.46, 0.84]   (K = 64 per prompt; see below)
 #   grpo              min over the first 60 iterations 0.327 [0.22, 0.39] (at iteration 19), then
-#                     drifts back to ~1.0–1.2 × KL_0 (its fixed point is not π*; see convergence.py)
+#                     drifts back to ~1.0–1.2 × KL_0 (its fixed point is not π*; see pistar.py)
 #
 # Tolerances: the acceptance criteria are KL last-15 ≤ 0.35 KL_0 and J_final ≥ J_0 + 0.6 (J* − J_0).
 # PPO, RLOO and mean-only GRPO with k2 sit 4× inside them, so they are held to a tighter 0.2 / 0.8
@@ -350,14 +350,14 @@ GRPO_MIN_KL_RATIO, GRPO_WINDOW = 0.5, 60
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", convergence.METHODS)
+@pytest.mark.parametrize("method", pistar.METHODS)
 def test_each_method_moves_policy_toward_optimum(method):
-    problem = convergence.Problem()
-    history = convergence.run(method, problem)
+    problem = pistar.Problem()
+    history = pistar.run(method, problem)
     kl = np.asarray(history["kl_to_optimum"])
     j = np.asarray(history["objective"])
     j_star = history["optimum_objective"][0]
-    assert len(kl) == len(j) == convergence.DEFAULT_RUNS[method].iterations + 1
+    assert len(kl) == len(j) == pistar.DEFAULT_RUNS[method].iterations + 1
 
     # every method starts at π_θ = π_ref, away from π*
     assert history["kl_to_ref"][0] <= 1e-6
@@ -396,7 +396,7 @@ def test_groups_must_divide_batch(estimator):
     objective = KLObjective(Policy(config), KLRegularizer(0.1), estimator)
     batch = dict(batch, rewards=np.arange(4, dtype=np.float32))
     with pytest.raises(ValueError, match="whole number of groups"):
-        objective.prepare({"policy": params}, {"ref": params}, batch)
+        objective.prepare({"policy": params}, batch, {"ref": params})
 
 
 def test_unknown_rsft_filter():

@@ -60,12 +60,12 @@ from _params import random_params
 from jax.flatten_util import ravel_pytree
 
 from arlm import ModelConfig
+from arlm.model.log_probs import sequence_batch
+from arlm.model.lora import LoraConfig
 from arlm.objectives.heads import init_reward_model, reward_model_scores, scalar_head
 from arlm.objectives.kl import KLRegularizer
 from arlm.objectives.kl_regularized import DPO, GRPO, PPO, RLOO, RSFT, SFT, KLObjective, Policy
 from arlm.objectives.preference import bradley_terry_loss, dpo_margin
-from arlm.objectives.sequences import sequence_batch
-from arlm.train.lora import LoraConfig
 
 V = 11
 MODELS = {
@@ -237,7 +237,7 @@ def kl_problem(model: str, estimator, kl: KLRegularizer, *, pairs: bool = False,
 
     def prepare(old, params, frozen, batch, key):
         """The prepared batch, and at θ: ρ, the mask and V (PPO/GRPO) or the DPO margins h."""
-        batch = obj.prepare(old, frozen, batch, key)
+        batch = obj.prepare(old, batch, frozen, key)
         if clip:
             out = obj.policy.outputs(params, frozen, batch, hidden=ppo)
             values = scalar_head(params["value"], out.hidden_BxTxD) if ppo else None

@@ -12,8 +12,8 @@ import pytest
 from _params import random_params
 
 import arlm
-from arlm.analysis.studies import STUDIES, run_study
 from arlm.data.tokenizers import ByteTokenizer
+from arlm.jobs.phenomena import STUDIES, run_study
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

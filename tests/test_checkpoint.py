@@ -9,22 +9,21 @@ import glob
 import os
 import warnings
 
+import _tiny_job
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-import _tiny_job
-
 import arlm
 from arlm.data import pipeline
+from arlm.jobs.pretrain import model_config_from, prepare_data, run_pretraining
 from arlm.sharding import MeshConfig, batch_sharding, make_mesh, named
 from arlm.train.checkpoint import Checkpointer, CheckpointError, DamagedCheckpointWarning
 from arlm.train.loop import LoopConfig, run_training
 from arlm.train.metrics import read_metrics
 from arlm.train.optim import OptimConfig, make_optimizer
-from arlm.train.pretrain_job import model_config_from, prepare_data, run_pretraining
 from arlm.train.state import TrainState, create_train_state, state_specs
 from arlm.train.step import make_train_step
 

@@ -25,7 +25,7 @@ import arlm
 from arlm import ModelConfig, Sampler
 from arlm.inference import GREEDY, forward_with_cache, init_cache
 from arlm.inference.simple import sample_tokens
-from arlm.objectives.lm import token_log_probs
+from arlm.model.log_probs import token_log_probs
 
 V, D, L, H, MAX_LEN = 37, 32, 2, 4, 16
 TOL = 1e-5

@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _params import random_params
 
 import arlm
-from _params import random_params
+from arlm.model.lora import LoraConfig, count_lora_params, init_lora, lora_delta, merge_lora
 from arlm.objectives import pretrain_loss
 from arlm.sharding import MeshConfig, batch_sharding, make_mesh
-from arlm.train.lora import LoraConfig, count_lora_params, init_lora, lora_delta, merge_lora
 from arlm.train.state import create_train_state
 from arlm.train.step import make_train_step
 
@@ -35,7 +35,7 @@ def _adapters(lora):
 
 
 def _layout(path, shape):
-    """Independent of arlm.train.lora: (batch shape, d_in, d_out) from the model's conventions."""
+    """Independent of arlm.model.lora: (batch shape, d_in, d_out) from the model's conventions."""
     n_batch = (path[0] == "layers") + ("moe" in path)
     n_in = 2 if path[-1] == "wo" else 1
     return shape[:n_batch], math.prod(shape[n_batch:n_batch + n_in]), math.prod(shape[n_batch + n_in:])

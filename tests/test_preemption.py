@@ -24,7 +24,7 @@ SCRIPT = """
 import sys
 sys.path.insert(0, {repo!r})
 from tests._tiny_job import tiny_job_config
-from arlm.train.pretrain_job import run_pretraining
+from arlm.jobs.pretrain import run_pretraining
 c = tiny_job_config(sys.argv[1], train=dict(steps={steps}, eval_every=1000, log_every=1,
                                             checkpoint_every=int(sys.argv[2]), keep_checkpoints=3),
                     sample=dict(max_new_tokens=8))

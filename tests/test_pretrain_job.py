@@ -9,20 +9,19 @@ import os
 import subprocess
 import sys
 
+import _tiny_job
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-import _tiny_job
-
 from arlm.data import pipeline
+from arlm.jobs.pretrain import prepare_data, run_pretraining
 from arlm.sharding import MeshConfig, batch_sharding, make_mesh
 from arlm.train.checkpoint import Checkpointer
 from arlm.train.loop import LoopConfig, NonFiniteLossError, run_training
 from arlm.train.metrics import MetricsWriter, read_metrics
-from arlm.train.pretrain_job import prepare_data, run_pretraining
 from arlm.train.state import create_train_state
 from arlm.train.step import make_train_step
 

@@ -22,8 +22,8 @@ from jax.sharding import PartitionSpec as P
 
 import arlm
 from arlm.alignment import Trainer
+from arlm.model.log_probs import sequence_batch
 from arlm.objectives import DPO, GRPO, PPO, RLOO, KLObjective, KLRegularizer, Policy, make_lm_loss
-from arlm.objectives.sequences import sequence_batch
 from arlm.sharding import MeshConfig, batch_sharding, make_mesh
 from arlm.train.state import create_train_state
 from arlm.train.step import make_train_step

@@ -20,14 +20,17 @@ TINY = arlm.ModelConfig.llama(vocab_size=31, d_model=32, n_layers=2, n_heads=4, 
 
 
 def _batch(rng, b=16, t=12, v=31, mask=False):
+    """A pretraining batch {"inputs", "targets"}, or with `mask` an SFT sequence batch whose row i
+    trains on its last (i % t) + 1 target tokens (ragged response masks)."""
     toks = rng.integers(0, v, (b, t + 1)).astype(np.int32)
-    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
-    if mask:   # ragged response masks: row i trains on its last (i % t) + 1 tokens
-        m = np.zeros((b, t), np.float32)
-        for i in range(b):
-            m[i, t - (i % t) - 1:] = 1
-        batch["loss_mask"] = m
-    return batch
+    if not mask:
+        return {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
+    m = np.zeros((b, t), np.float32)
+    for i in range(b):
+        m[i, t - (i % t) - 1:] = 1
+    positions = np.broadcast_to(np.arange(t + 1, dtype=np.int32), (b, t + 1)).copy()
+    return {"tokens": toks, "positions": positions, "attention": np.ones((b, t + 1), bool),
+            "response_mask": np.concatenate([np.zeros((b, 1), np.float32), m], 1)}
 
 
 def _run(cfg, mesh_cfg, devices, batch, steps, grad_accum=1, kind="pretrain", oc=None, opt=None):
@@ -49,18 +52,21 @@ def test_pretrain_loss_matches_numpy_reference():
     rng = np.random.default_rng(0)
     params = arlm.init_params(TINY, jax.random.PRNGKey(1))
     batch = _batch(rng, b=3, mask=True)
-    logits = np.asarray(arlm.forward(TINY, params, batch["inputs"]), np.float64)
+    inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
+    logits = np.asarray(arlm.forward(TINY, params, inputs), np.float64)
     logp = logits - logits.max(-1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-    tok = np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
-    loss_pt, _ = make_lm_loss(TINY, "pretrain")(params, {k: batch[k] for k in ("inputs", "targets")})
+    tok = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    loss_pt, _ = make_lm_loss(TINY, "pretrain")(params, {"inputs": inputs, "targets": targets})
     loss_sft, metrics = make_lm_loss(TINY, "sft")(params, batch)
     np.testing.assert_allclose(float(loss_pt), -tok.mean(), rtol=1e-5)
-    m = batch["loss_mask"]
+    m = batch["response_mask"][:, 1:]
     np.testing.assert_allclose(float(loss_sft), -(tok * m).sum() / m.sum(), rtol=1e-5)
     assert float(metrics["tokens"]) == m.sum()
-    with pytest.raises(KeyError, match="loss_mask"):
-        make_lm_loss(TINY, "sft")(params, {k: batch[k] for k in ("inputs", "targets")})
+    with pytest.raises(KeyError, match="sequence batch"):
+        make_lm_loss(TINY, "sft")(params, {"inputs": inputs, "targets": targets})
+    with pytest.raises(ValueError, match="sft_loss"):
+        make_lm_loss(TINY, "pretrain")(params, {"inputs": inputs, "targets": targets, "loss_mask": m})
 
 
 def test_tiny_model_overfits_one_batch():

@@ -10,7 +10,8 @@ import pytest
 
 from arlm.alignment import tasks as tasks_lib
 from arlm.alignment import verifiers as V
-from arlm.alignment.tasks import ArithmeticTask, ArithmeticTokenizer, Problem, sft_examples
+from arlm.alignment.task_io import char_task
+from arlm.alignment.tasks import ArithmeticTask, ArithmeticTokenizer, Problem
 
 # ----------------------------------------------------------------------------- ExactMatch
 
@@ -426,68 +427,72 @@ def test_tokenizer_rejects_unknown_characters(text, bad):
         ArithmeticTokenizer().encode(text)
 
 
-# ----------------------------------------------------------------------------- sft_examples
+# ----------------------------------------------------------------------------- TaskIO.sft_batch
 
 
-def _reference_example(tok: ArithmeticTokenizer, p: Problem, seq_len: int):
+def _reference_row(tok: ArithmeticTokenizer, p: Problem):
     """Independent construction: walk the full text character by character."""
-    prompt_chars = list(p.prompt)
-    answer_chars = list(p.answer)
-    tokens = ["<bos>"] + prompt_chars + answer_chars + ["<eos>"]
-    is_answer = [False] * (1 + len(prompt_chars)) + [True] * (len(answer_chars) + 1)
-    tokens += ["<pad>"] * (seq_len + 1 - len(tokens))
-    is_answer += [False] * (seq_len + 1 - len(is_answer))
-    ids = [tok.id_to_token.index(t) for t in tokens]
-    inputs = ids[:seq_len]
-    targets = ids[1:seq_len + 1]
-    mask = [1.0 if is_answer[t + 1] else 0.0 for t in range(seq_len)]
-    return inputs, targets, mask
+    tokens = ["<bos>"] + list(p.prompt) + list(p.answer) + ["<eos>"]
+    is_answer = [False] * (1 + len(p.prompt)) + [True] * (len(p.answer) + 1)
+    return [tok.id_to_token.index(t) for t in tokens], is_answer
 
 
-def test_sft_examples_hand_checked():
-    tok = ArithmeticTokenizer()
-    batch = sft_examples([Problem("3+4=", "7", 3, 4, "+")], tok, seq_len=8)
+def test_sft_batch_hand_checked():
+    io = char_task(ArithmeticTask())
+    batch = io.sft_batch([Problem("3+4=", "7", 3, 4, "+")])
     d, plus, eq = lambda c: 3 + int(c), 13, 16  # noqa: E731
-    np.testing.assert_array_equal(batch["inputs"], [[1, d(3), plus, d(4), eq, d(7), 2, 0]])
-    np.testing.assert_array_equal(batch["targets"], [[d(3), plus, d(4), eq, d(7), 2, 0, 0]])
-    np.testing.assert_array_equal(batch["loss_mask"], [[0, 0, 0, 0, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(batch["tokens"], [[1, d(3), plus, d(4), eq, d(7), 2]])
+    np.testing.assert_array_equal(batch["positions"], [np.arange(7)])
+    assert batch["attention"].all()
+    np.testing.assert_array_equal(batch["response_mask"], [[0, 0, 0, 0, 0, 1, 1]])
 
 
-def test_sft_examples_against_reference():
+def test_sft_batch_against_reference():
+    """Ragged prompts are left-padded, answers right-padded; every row, stripped of its padding, is
+    [bos] prompt answer [eos] with the response mask exactly on answer and [eos], positions from 0."""
+    io = char_task(ArithmeticTask())
     tok = ArithmeticTokenizer()
     probs = ArithmeticTask(ops=("+", "-", "*"), seed=1).problems(200)
-    seq_len = 14
-    batch = sft_examples(probs, tok, seq_len)
-    assert set(batch) == {"inputs", "targets", "loss_mask"}
-    assert batch["inputs"].shape == batch["targets"].shape == batch["loss_mask"].shape == (200, seq_len)
-    assert batch["inputs"].dtype == np.int32 and batch["targets"].dtype == np.int32
-    assert batch["loss_mask"].dtype == np.float32
+    batch = io.sft_batch(probs)
+    assert set(batch) == {"tokens", "positions", "attention", "response_mask"}
+    width = max(1 + len(p.prompt) for p in probs) + max(len(p.answer) + 1 for p in probs)
+    assert batch["tokens"].shape == batch["response_mask"].shape == (200, width)
+    assert batch["tokens"].dtype == np.int32 and batch["response_mask"].dtype == np.float32
     for i, p in enumerate(probs):
-        inputs, targets, mask = _reference_example(tok, p, seq_len)
-        np.testing.assert_array_equal(batch["inputs"][i], inputs)
-        np.testing.assert_array_equal(batch["targets"][i], targets)
-        np.testing.assert_array_equal(batch["loss_mask"][i], mask)
-        # masked targets are exactly the answer then <eos>
-        masked = batch["targets"][i][batch["loss_mask"][i] == 1]
-        assert masked.tolist() == tok.encode(p.answer, eos=True)
-        assert tok.decode(batch["inputs"][i]) == p.prompt + p.answer
-    # targets are inputs shifted by one
-    np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+        real = batch["attention"][i]
+        ids, is_answer = _reference_row(tok, p)
+        assert batch["tokens"][i][real].tolist() == ids
+        assert batch["response_mask"][i][real].tolist() == [float(a) for a in is_answer]
+        assert batch["positions"][i][real].tolist() == list(range(len(ids)))
+        assert not batch["response_mask"][i][~real].any() and not batch["tokens"][i][~real].any()
+        assert tok.decode(batch["tokens"][i][real]) == p.prompt + p.answer
 
 
-def test_sft_examples_exact_fit_and_overflow():
-    tok = ArithmeticTokenizer()
-    p = Problem("99*99=", "9801", 99, 99, "*")
-    need = 1 + len(p.prompt) + len(p.answer) + 1 - 1  # seq_len such that seq fills seq_len + 1
-    batch = sft_examples([p], tok, need)
-    assert batch["targets"][0, -1] == tok.eos_id and batch["loss_mask"][0, -1] == 1.0
-    assert (batch["inputs"][0] != tok.pad_id).all()
-    with pytest.raises(ValueError, match="seq_len"):
-        sft_examples([p], tok, need - 1)
-    with pytest.raises(ValueError, match="seq_len"):
-        sft_examples([p], tok, 0)
+def test_sft_batch_trains_the_same_loss_as_the_sft_estimator():
+    """`sft_loss` on TaskIO.sft_batch equals the SFT estimator's loss (one implementation of eq. 8),
+    and both equal a float64 numpy recomputation over the answer tokens."""
+    import jax
+
+    import arlm
+    from arlm.objectives import SFT, KLObjective, KLRegularizer, Policy, sft_loss
+    io = char_task(ArithmeticTask())
+    batch = io.sft_batch(ArithmeticTask(seed=2).problems(5))
+    cfg = arlm.ModelConfig.llama(vocab_size=ArithmeticTokenizer().vocab_size, d_model=16, n_layers=1, n_heads=2,
+                                 d_ff=32, max_seq_len=32)
+    params = arlm.init_params(cfg, jax.random.PRNGKey(0))
+    direct, metrics = sft_loss(cfg, params, batch)
+    objective = KLObjective(Policy(cfg), KLRegularizer(0.0), SFT())
+    via_estimator, _ = objective.loss({"policy": params}, batch, {"ref": params})
+    logits = np.asarray(arlm.apply_model(cfg, params, batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],
+                                         attention_mask=batch["attention"][:, :-1]).logits_BxTxV, np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    tok_logp = np.take_along_axis(logp, batch["tokens"][:, 1:, None], -1)[..., 0]
+    m = batch["response_mask"][:, 1:]
+    np.testing.assert_allclose(float(direct), -(tok_logp * m).sum() / m.sum(), rtol=1e-5)
+    assert float(direct) == float(via_estimator) and float(metrics["tokens"]) == m.sum()
 
 
-def test_sft_examples_empty():
-    batch = sft_examples([], ArithmeticTokenizer(), 8)
-    assert batch["inputs"].shape == (0, 8) and batch["loss_mask"].shape == (0, 8)
+def test_sft_batch_empty():
+    batch = char_task(ArithmeticTask()).sft_batch([])
+    assert batch["tokens"].shape == (0, 0) and batch["response_mask"].shape == (0, 0)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arlm.config import ModelConfig
-from arlm.objectives.sequences import policy_outputs, sequence_batch
+from arlm.model.log_probs import policy_outputs, sequence_batch
 
 Array = jax.Array
 

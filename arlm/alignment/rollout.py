@@ -19,8 +19,8 @@ from arlm.alignment.verifiers import Verifier, score
 from arlm.config import ModelConfig
 from arlm.inference import Sampler, generate
 from arlm.inference.decoding import pad_prompts
+from arlm.model.log_probs import sequence_batch
 from arlm.objectives.heads import reward_model_scores
-from arlm.objectives.sequences import sequence_batch
 
 Array = jax.Array
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from arlm.alignment.tasks import ArithmeticTask, ArithmeticTokenizer, Problem
 from arlm.alignment.verifiers import ExactMatch, NumericAnswer, Verifier
+from arlm.model.log_probs import sequence_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,21 @@ class TaskIO:
 
     def prompts(self, problems: Sequence[Problem]) -> list[list[int]]:
         return [self.encode_prompt(p) for p in problems]
+
+    def sft_batch(self, problems: Sequence[Problem]) -> dict[str, np.ndarray]:
+        """The SFT (eq. 8) sequence batch of (prompt, reference answer) pairs: prompts left-padded to
+        the longest, answers (stop token included) right-padded; response_mask marks the answers."""
+        prompts = self.prompts(problems)
+        answers = [self.encode_answer(p) for p in problems]
+        width, n = max(map(len, prompts), default=0), max(map(len, answers), default=0)
+        prompt_BxP = np.full((len(problems), width), self.pad_id, np.int32)
+        answer_BxN = np.full((len(problems), n), self.pad_id, np.int32)
+        for i, (p, a) in enumerate(zip(prompts, answers)):
+            prompt_BxP[i, width - len(p):] = p
+            answer_BxN[i, :len(a)] = a
+        start_B = np.asarray([width - len(p) for p in prompts], np.int32).reshape(-1)
+        lengths_B = np.asarray([len(a) for a in answers], np.int32).reshape(-1)
+        return sequence_batch(prompt_BxP, start_B, answer_BxN, lengths_B)
 
     def rewards(self, responses: Sequence[Sequence[int]], problems: Sequence[Problem]) -> np.ndarray:
         texts = [self.decode(r) for r in responses]

@@ -2,8 +2,8 @@
 
 Problems are "a{op}b=" with the integer result as the answer, e.g. "12+7=" → "19",
 so a `NumericAnswer` or `ExactMatch` verifier can check any response. A tiny
-character tokenizer (`ArithmeticTokenizer`) and `sft_examples` turn problems
-into the {"inputs", "targets", "loss_mask"} batches that `sft_loss` reads.
+character tokenizer (`ArithmeticTokenizer`) encodes them; `arlm.alignment.task_io.TaskIO.sft_batch`
+turns problems into the sequence batches that SFT (eq. 8, `arlm.objectives.sft_loss`) reads.
 
 Train/test split. Whether a pair (a, op, b) is held out depends only on the
 pair: a fixed 64-bit hash of (a, op, b) is mapped to u in [0, 1), and the pair
@@ -197,30 +197,3 @@ class ArithmeticTokenizer:
         if arr.ndim != 2:
             raise ValueError(f"decode_batch takes [B, T] ids, got shape {arr.shape}")
         return [self.decode(row) for row in arr]
-
-
-def sft_examples(problems: Sequence[Problem], tokenizer: ArithmeticTokenizer,
-                 seq_len: int) -> dict[str, np.ndarray]:
-    """SFT batch (eq. 8): {"inputs", "targets": int32 [N, seq_len], "loss_mask": float32 [N, seq_len]}.
-
-    Each sequence is [bos] + prompt + answer + [eos], padded with <pad> to
-    seq_len + 1; inputs = seq[:-1], targets = seq[1:], and loss_mask is 1
-    exactly where the target is an answer character or the <eos>. Raises
-    ValueError if a sequence is longer than seq_len + 1.
-    """
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    n = len(problems)
-    seqs = np.full((n, seq_len + 1), tokenizer.pad_id, dtype=np.int32)
-    mask = np.zeros((n, seq_len), dtype=np.float32)
-    for i, p in enumerate(problems):
-        prompt = tokenizer.encode(p.prompt, bos=True)
-        answer = tokenizer.encode(p.answer, eos=True)
-        seq = prompt + answer
-        if len(seq) > seq_len + 1:
-            raise ValueError(f"problem {i} ({p.prompt}{p.answer}) needs {len(seq) - 1} positions "
-                             f"(with <bos> and <eos>) but seq_len is {seq_len}")
-        seqs[i, :len(seq)] = seq
-        # target position t holds seq[t + 1]; the answer occupies seq[len(prompt):len(seq)]
-        mask[i, len(prompt) - 1:len(seq) - 1] = 1.0
-    return {"inputs": seqs[:, :-1].copy(), "targets": seqs[:, 1:].copy(), "loss_mask": mask}

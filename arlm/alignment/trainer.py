@@ -18,9 +18,9 @@ from jax.sharding import Mesh
 
 from arlm.alignment.rollout import Rollout, sample_rollout
 from arlm.inference import Sampler
+from arlm.model.log_probs import policy_outputs
 from arlm.objectives.kl import exact_token_kl
 from arlm.objectives.kl_regularized import KLObjective
-from arlm.objectives.sequences import policy_outputs
 from arlm.sharding import MeshConfig, batch_sharding, make_mesh, named, param_specs
 from arlm.train.loop import NonFiniteLossError
 from arlm.train.state import state_from_params
@@ -68,7 +68,7 @@ class Trainer:
 
     def prepare(self, batch: dict[str, np.ndarray]) -> dict[str, Array]:
         batch = jax.device_put(dict(batch), self.batch_sharding)
-        return self._prepare(self.state.params, self.frozen, batch, self.next_key())
+        return self._prepare(self.state.params, batch, self.frozen, self.next_key())
 
     def update(self, batch: dict[str, np.ndarray], epochs: int = 1) -> dict[str, float]:
         """Prepare once, then `epochs` steps on the batch; returns the last step's metrics (host floats)."""

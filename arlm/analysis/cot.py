@@ -18,8 +18,8 @@ from arlm.analysis.textgen import generate_texts, prompt_ids
 from arlm.checkpoints import LoadedModel
 from arlm.config import ModelConfig
 from arlm.inference import generate
-from arlm.inference.differentiable import sequence_log_prob
 from arlm.inference.sampling import Sampler
+from arlm.model.log_probs import sequence_log_prob
 
 Array = jax.Array
 

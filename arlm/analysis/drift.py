@@ -15,7 +15,19 @@ few huge directions, so a spectrum only means something with a stated normalisat
 
 Everything is matrix-free: the map e ↦ h^(0..L) is linearised once, and each block's top singular
 values come from Lanczos (`lanczos.top_singular_values`) over its jvp/vjp; blocks are vmapped.
-`jacobian_block` materialises one block, for small models and for checks.
+`jacobian_block` materialises one block, for small models and for checks; `jacobian_blocks`
+materialises J_ℓ(t, s) for every target t and a list of sources s, `chunk` sources at a time.
+
+The cost of materialising, for T positions, width D, and a forward pass costing F:
+  * forward mode (`jacfwd`, what `jacobian_blocks` uses): one linearisation, then D jvps per
+    source, each about one F, and each gives the blocks of *every* target t at once:
+    D·S·F for S sources; memory per chunk of C sources is C·D tangents × [T, D] outputs.
+  * reverse mode (`jacrev`): D vjps per *target*, each about 2–3 F plus the stored activations
+    of the forward pass: D·T·(2–3)F for all targets. Causality zeroes t < s either way, so with
+    many targets per source (drift: one source, all later steps) forward mode is the cheaper one;
+    with one target and many sources (attribution of one prediction) reverse mode is.
+Parameters are arguments of every jitted function here, never closed over: a closed-over
+embedding (SmolLM2's is 49152 × 576) becomes an XLA constant that compilation folds and copies.
 """
 
 from __future__ import annotations
@@ -57,6 +69,47 @@ def jacobian_block(config: ModelConfig, params: Any, embeddings_TxD: Array, laye
     def f(delta_D):
         return hidden_states(config, params, embeddings_TxD.at[s].add(delta_D), normed=normed)[layer, t]
     return jax.jacfwd(f)(jnp.zeros((config.d_model,), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "layer", "normed"))
+def _jacobian_chunk(config: ModelConfig, params: Any, embeddings_TxD: Array, sources_C: Array, layer: int,
+                    normed: bool) -> Array:
+    """[C, T, D_out, D_in]: ∂h_t^(ℓ)/∂h_s^(0) for the C sources and every target t (forward mode)."""
+    d = config.d_model
+    _, jvp = jax.linearize(lambda e: hidden_states(config, params, e, normed=normed)[layer], embeddings_TxD)
+    eye_DxD = jnp.eye(d, dtype=embeddings_TxD.dtype)
+
+    def one_source(s):
+        tangents_DxTxD = jnp.zeros((d,) + embeddings_TxD.shape, embeddings_TxD.dtype).at[:, s].set(eye_DxD)
+        cols_DinxTxDout = jax.vmap(jvp)(tangents_DxTxD)
+        return jnp.transpose(cols_DinxTxDout, (1, 2, 0))          # [T, D_out, D_in]
+
+    return jax.lax.map(one_source, sources_C)
+
+
+def jacobian_blocks(config: ModelConfig, params: Any, embeddings_TxD: Array, layer: int,
+                    sources: Sequence[int], *, chunk: int = 4, normed: bool = False) -> np.ndarray:
+    """J_ℓ(t, s) = ∂h_t^(ℓ)/∂h_s^(0) (eq. 19) for every target t and each source s: [S, T, D, D] (host).
+
+    Computed `chunk` sources per compiled call (the last chunk is padded and its padding dropped),
+    so peak memory is chunk × D tangents of [T, D] whatever S is; see the module docstring for the
+    cost of forward vs reverse mode. Blocks with t < s are exactly 0 (causality)."""
+    t_len = embeddings_TxD.shape[0]
+    sources = [int(s) for s in sources]
+    if not sources:
+        raise ValueError("jacobian_blocks needs at least one source position")
+    if any(not 0 <= s < t_len for s in sources):
+        raise ValueError(f"source positions {sources} must lie in [0, {t_len})")
+    if not 0 <= layer <= config.n_layers:
+        raise ValueError(f"layer {layer} is not in [0, {config.n_layers}] (0: the input embeddings)")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    blocks = []
+    for i in range(0, len(sources), chunk):
+        part = sources[i:i + chunk]
+        padded = jnp.asarray(part + [part[-1]] * (chunk - len(part)), jnp.int32)
+        blocks.append(np.asarray(_jacobian_chunk(config, params, embeddings_TxD, padded, layer, normed))[:len(part)])
+    return np.concatenate(blocks, axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "k", "steps", "normalisation"))

@@ -20,7 +20,7 @@ from arlm.analysis.textgen import generate_texts
 from arlm.checkpoints import LoadedModel
 from arlm.config import ModelConfig
 from arlm.model import apply_model
-from arlm.objectives.lm import token_log_probs
+from arlm.model.log_probs import token_log_probs
 
 Predictor = Callable[[Sequence[str]], Sequence[str]]
 KS = (0, 1, 2, 4, 8, 16)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from arlm.checkpoints import LoadedModel
 from arlm.inference import Sampler, generate
 from arlm.inference.sampling import GREEDY
-from arlm.objectives.sequences import policy_outputs, sequence_batch
+from arlm.model.log_probs import policy_outputs, sequence_batch
 
 Messages = Sequence[dict[str, str]]
 

@@ -1,6 +1,7 @@
 """Differentiating through sampling: pure functions that `jax.grad`, `jacfwd` and `jacrev` go through.
 
-(a) `sequence_log_prob`: log π_θ(y | x) of a sampled trajectory as a function of params — the
+(a) `sequence_log_prob` (`arlm.model.log_probs`, re-exported here): log π_θ(y | x) of a sampled
+    trajectory as a function of params — the
     score-function (REINFORCE) estimator ∇E[f(y)] = E[f(y) ∇ log π_θ(y|x)] uses it
     (`reinforce_surrogate`). From an `arlm.generate` output (ragged, left-padded prompts, rows
     that stopped early) in one call: `generated_log_prob`, `score_function_gradient`.
@@ -22,24 +23,9 @@ from arlm.config import ModelConfig
 from arlm.inference.cache import forward_with_cache, init_cache
 from arlm.inference.decoding import GenerateOutput
 from arlm.model import apply_model, embed_tokens
-from arlm.objectives.lm import token_log_probs
+from arlm.model.log_probs import sequence_log_prob
 
 Array = jax.Array
-
-
-def sequence_log_prob(config: ModelConfig, params: Any, prompt_BxP: Array, completion_BxN: Array,
-                      completion_mask_BxN: Array | None = None) -> Array:
-    """log π_θ(y | x) = Σ_t log p_θ(y_t | x, y_<t), summed over (masked) completion tokens; [B], float32.
-
-    Prompts are taken as given (equal lengths, no padding); the mask drops tokens after a stop.
-    """
-    seq = jnp.concatenate([prompt_BxP, completion_BxN], axis=1)
-    logits = apply_model(config, params, seq[:, :-1]).logits_BxTxV
-    p = prompt_BxP.shape[1]
-    logp_BxN = token_log_probs(logits[:, p - 1:], completion_BxN)
-    if completion_mask_BxN is not None:
-        logp_BxN = logp_BxN * completion_mask_BxN.astype(jnp.float32)
-    return logp_BxN.sum(-1)
 
 
 def reinforce_surrogate(log_prob_B: Array, reward_B: Array, baseline: Array | float = 0.0) -> Array:
@@ -57,18 +43,8 @@ def generated_log_prob(config: ModelConfig, params: Any, out: GenerateOutput) ->
     """
     if out.prompt_BxP is None or out.completion_mask_BxN is None:
         raise ValueError("this GenerateOutput carries no prompt_BxP / completion_mask_BxN; use arlm.generate's")
-    prompt, tokens, done_mask = out.prompt_BxP, out.tokens_BxN, out.completion_mask_BxN
-    p, n = prompt.shape[1], tokens.shape[1]
-    start_B = p - out.prompt_lengths_B
-    idx_T = jnp.arange(p + n, dtype=jnp.int32)
-    real_BxT = (idx_T[None, :] >= start_B[:, None]) & jnp.concatenate(
-        [jnp.ones_like(prompt, bool), done_mask.astype(bool)], axis=1)
-    seq_BxT = jnp.where(real_BxT, jnp.concatenate([prompt, tokens], axis=1), 0)
-    positions_BxT = jnp.maximum(idx_T[None, :] - start_B[:, None], 0)
-    logits = apply_model(config, params, seq_BxT[:, :-1], positions=positions_BxT[:, :-1],
-                         attention_mask=real_BxT[:, :-1]).logits_BxTxV
-    logp_BxN = token_log_probs(logits[:, p - 1:], seq_BxT[:, p:])
-    return jnp.sum(jnp.where(done_mask, logp_BxN, 0.0), axis=-1)
+    return sequence_log_prob(config, params, out.prompt_BxP, out.tokens_BxN, out.completion_mask_BxN,
+                             prompt_lengths_B=out.prompt_lengths_B)
 
 
 def score_function_gradient(config: ModelConfig, params: Any, out: GenerateOutput, reward_B: Array,

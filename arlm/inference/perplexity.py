@@ -25,8 +25,8 @@ import numpy as np
 from arlm.config import ModelConfig
 from arlm.inference.sampling import check_int
 from arlm.model import forward
+from arlm.model.log_probs import token_log_probs
 from arlm.model.transformer import check_token_ids
-from arlm.objectives.lm import token_log_probs
 
 Array = jax.Array
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from arlm.config import ModelConfig
 from arlm.model import apply_model
-from arlm.objectives.sequences import Batch
+from arlm.model.log_probs import Batch
 
 Array = jax.Array
 

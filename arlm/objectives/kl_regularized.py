@@ -17,18 +17,27 @@ A `KLObjective` is three parts:
                     eq. 8 on filtered samples) and `SFT` (eq. 8).
 
 The reward source (a verifier, a learned reward model, or preference pairs) is outside the loss:
-rewards arrive in the batch, one per sequence. Every estimator has the same two functions:
+rewards arrive in the batch, one per sequence. Every estimator follows the `Estimator` protocol:
+two functions taking their arguments in the same order as the train step's loss,
 
-  * `prepare(objective, params, frozen, batch, key) -> batch`: the pieces computed once per batch,
+  * `prepare(objective, params, batch, frozen, key) -> batch`: the pieces computed once per batch,
     without gradients: old and reference log-probs, KL terms, advantages, keep masks;
   * `loss(objective, params, batch, frozen) -> (loss, metrics)`: what the generic train step
-    (`arlm.train.step.make_train_step(..., frozen_sharding=...)`) differentiates.
+    (`arlm.train.step.make_train_step(..., frozen_sharding=...)`) differentiates;
+
+and three class attributes: `default_kl`, `kl_in_loss` and `needs_value_head`. A new estimator is
+a frozen dataclass with these five names (see notebooks/compose_losses.ipynb).
+
+Metrics name what they measure: `kl_seq_k1` is the mean over sequences of Σ_t k1 (the sampled
+estimate of KL(π_θ ‖ π_ref) per sequence), `kl_token_<estimator>` the per-token mean of the KL
+estimator a loss differentiates (GRPO's penalty).
 
 params = {"policy": model params or a LoRA adapter, "value": value head (PPO only)};
 frozen = {"ref": π_ref's model params}.
-Online batches are sequence batches (`arlm.objectives.sequences`) of G prompts × K samples, the
+Online batches are sequence batches (`arlm.model.log_probs`) of G prompts × K samples, the
 K samples of a prompt in consecutive rows, with "rewards" [B]. Preference batches hold pairs:
-every array is [B, 2, …] with chosen at index 0 and rejected at 1.
+every array is [B, 2, …] with chosen at index 0 and rejected at 1 (`preference_rows` flattens
+them into a sequence batch).
 """
 
 from __future__ import annotations
@@ -41,14 +50,15 @@ import jax
 import jax.numpy as jnp
 
 from arlm.config import ModelConfig
+from arlm.model.log_probs import Batch, PolicyOutputs, policy_outputs
+from arlm.model.lora import LoraConfig, init_lora, merge_lora
 from arlm.objectives import advantages as adv_lib
 from arlm.objectives import policy_gradient as pg
 from arlm.objectives import rsft
 from arlm.objectives.heads import init_scalar_head, scalar_head
 from arlm.objectives.kl import KLRegularizer, k1, per_token_kl
+from arlm.objectives.lm import response_nll
 from arlm.objectives.preference import dpo_loss, dpo_margin
-from arlm.objectives.sequences import Batch, PolicyOutputs, policy_outputs
-from arlm.train.lora import LoraConfig, init_lora, merge_lora
 
 Array = jax.Array
 Metrics = dict[str, Array]
@@ -88,11 +98,26 @@ class Policy:
 
 
 class Estimator(Protocol):
-    """An estimator of ∇J. Optional class attributes: `default_kl` (the KL estimator it uses when
-    the `KLRegularizer` names none; None: it estimates no KL) and `kl_in_loss` (whether its loss
-    differentiates the KL estimate, where k1 has zero expected gradient)."""
+    """An estimator of ∇J (eq. 9): what `KLObjective` needs from PPO, GRPO, RLOO, DPO, RSFT, SFT or yours.
 
-    def prepare(self, obj: "KLObjective", params: Any, frozen: Any, batch: Batch, key: Array) -> Batch: ...
+    Class attributes:
+      default_kl        the KL estimator ("k1", "k2", "k3", "exact") it uses when the
+                        `KLRegularizer` names none; None: it estimates no KL (DPO, RSFT, SFT).
+      kl_in_loss        whether its loss differentiates the KL estimate (k1 there has zero expected
+                        gradient, so KLObjective warns).
+      needs_value_head  whether params carry a "value" head (PPO's critic); `KLObjective.init_params`
+                        creates one when it is True.
+
+    Methods (same argument order as the train step's `loss_fn(params, batch, frozen)`):
+      prepare(obj, params, batch, frozen, key) -> batch   once per batch, no gradients
+      loss(obj, params, batch, frozen) -> (loss, metrics)  differentiated w.r.t. params
+    """
+
+    default_kl: ClassVar[str | None]
+    kl_in_loss: ClassVar[bool]
+    needs_value_head: ClassVar[bool]
+
+    def prepare(self, obj: "KLObjective", params: Any, batch: Batch, frozen: Any, key: Array) -> Batch: ...
 
     def loss(self, obj: "KLObjective", params: Any, batch: Batch, frozen: Any) -> tuple[Array, Metrics]: ...
 
@@ -123,11 +148,12 @@ class KLObjective:
                           stacklevel=3)
 
     def init_params(self, ref_params: Any, key: Array) -> dict[str, Any]:
-        return self.policy.init(ref_params, key, value_head=isinstance(self.estimator, PPO))
+        return self.policy.init(ref_params, key, value_head=getattr(self.estimator, "needs_value_head", False))
 
-    def prepare(self, params: Any, frozen: Any, batch: Batch, key: Array | None = None) -> Batch:
+    def prepare(self, params: Any, batch: Batch, frozen: Any, key: Array | None = None) -> Batch:
+        """The estimator's once-per-batch pieces (no gradients); same argument order as `loss`."""
         key = jax.random.PRNGKey(0) if key is None else key
-        return self.estimator.prepare(self, params, frozen, dict(batch), key)
+        return self.estimator.prepare(self, params, dict(batch), frozen, key)
 
     def loss(self, params: Any, batch: Batch, frozen: Any) -> tuple[Array, Metrics]:
         return self.estimator.loss(self, params, batch, frozen)
@@ -158,8 +184,9 @@ def _old_and_ref(obj: KLObjective, params: Any, frozen: Any, batch: Batch, **kw:
 
 
 def _common_metrics(obj: KLObjective, out: PolicyOutputs, batch: Batch) -> Metrics:
+    """kl_seq_k1: the mean over sequences of Σ_t k1 = log π_θ(y|x) − log π_ref(y|x)."""
     mask = out.mask_BxT
-    return {"kl": jnp.mean(jnp.sum(k1(out.logp_BxT, batch["ref_logp"]) * mask, -1)),
+    return {"kl_seq_k1": jnp.mean(jnp.sum(k1(out.logp_BxT, batch["ref_logp"]) * mask, -1)),
             "response_tokens": jnp.mean(mask.sum(-1))}
 
 
@@ -173,6 +200,7 @@ class PPO:
 
     default_kl: ClassVar[str] = "k1"
     kl_in_loss: ClassVar[bool] = False
+    needs_value_head: ClassVar[bool] = True
     clip_eps: float = 0.2
     value_clip: float = 0.2
     value_coef: float = 0.5
@@ -180,7 +208,7 @@ class PPO:
     lam: float = 0.95
     whiten_advantages: bool = True
 
-    def prepare(self, obj, params, frozen, batch, key):
+    def prepare(self, obj, params, batch, frozen, key):
         out, ref = _old_and_ref(obj, params, frozen, batch, hidden=True)
         mask = out.mask_BxT
         kl_BxT = obj.token_kl(out, ref.logp_BxT, ref)
@@ -229,6 +257,7 @@ class GRPO:
 
     default_kl: ClassVar[str] = "k3"
     kl_in_loss: ClassVar[bool] = True
+    needs_value_head: ClassVar[bool] = False
     group_size: int
     clip_eps: float = 0.2
     eps: float = 1e-4
@@ -236,7 +265,7 @@ class GRPO:
     reduction: str = "sequence"
     scale_rewards: bool = True
 
-    def prepare(self, obj, params, frozen, batch, key):
+    def prepare(self, obj, params, batch, frozen, key):
         out, ref = _old_and_ref(obj, params, frozen, batch)
         r_GxK = _grouped(batch["rewards"], self.group_size)
         if self.scale_rewards:
@@ -254,7 +283,7 @@ class GRPO:
         kl_BxT = obj.token_kl(out, batch["ref_logp"], ref)
         loss = pg.masked_mean(pg_BxT + obj.kl.beta * kl_BxT, mask, self.reduction)
         metrics = dict(_common_metrics(obj, out, batch), pg_loss=pg.masked_mean(pg_BxT, mask, self.reduction),
-                       kl_penalty=pg.masked_mean(kl_BxT, mask, self.reduction),
+                       **{f"kl_token_{obj.kl_estimator}": pg.masked_mean(kl_BxT, mask, self.reduction)},
                        clip_fraction=pg.masked_mean(clipped, mask))
         return loss, metrics
 
@@ -267,9 +296,10 @@ class RLOO:
 
     default_kl: ClassVar[str] = "k1"
     kl_in_loss: ClassVar[bool] = False
+    needs_value_head: ClassVar[bool] = False
     group_size: int
 
-    def prepare(self, obj, params, frozen, batch, key):
+    def prepare(self, obj, params, batch, frozen, key):
         out, ref = _old_and_ref(obj, params, frozen, batch)
         shaped_B = batch["rewards"] - obj.kl.beta * jnp.sum(obj.token_kl(out, ref.logp_BxT, ref), -1)
         a_B = adv_lib.leave_one_out_advantages(_grouped(shaped_B, self.group_size)).reshape(-1)
@@ -281,12 +311,13 @@ class RLOO:
         return loss, _common_metrics(obj, out, batch)
 
 
-def _pairs(batch: Batch) -> Batch:
-    """[B, 2, T] pair arrays → [2B, T] rows (chosen, rejected, chosen, …)."""
-    return {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items() if k in _SEQUENCE_KEYS}
+SEQUENCE_KEYS = ("tokens", "positions", "attention", "response_mask")
 
 
-_SEQUENCE_KEYS = ("tokens", "positions", "attention", "response_mask")
+def preference_rows(batch: Batch) -> Batch:
+    """A preference batch's [B, 2, T] pair arrays as a [2B, T] sequence batch (chosen, rejected,
+    chosen, …); other keys are dropped. `.reshape(-1, 2)` on a per-row result gives [B, 2] back."""
+    return {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items() if k in SEQUENCE_KEYS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,18 +327,19 @@ class DPO:
 
     default_kl: ClassVar[None] = None
     kl_in_loss: ClassVar[bool] = False
+    needs_value_head: ClassVar[bool] = False
     variant: str = "sigmoid"
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         dpo_loss(jnp.zeros((1,)), 1.0, self.variant, self.label_smoothing)    # validates both, eagerly
 
-    def prepare(self, obj, params, frozen, batch, key):
-        ref = obj.policy.reference_outputs(frozen, _pairs(batch))
+    def prepare(self, obj, params, batch, frozen, key):
+        ref = obj.policy.reference_outputs(frozen, preference_rows(batch))
         return dict(batch, ref_seq_logp=ref.sequence_logp().reshape(-1, 2))
 
     def loss(self, obj, params, batch, frozen):
-        logp_Bx2 = obj.policy.outputs(params, frozen, _pairs(batch)).sequence_logp().reshape(-1, 2)
+        logp_Bx2 = obj.policy.outputs(params, frozen, preference_rows(batch)).sequence_logp().reshape(-1, 2)
         ref_Bx2 = batch["ref_seq_logp"]
         margin = dpo_margin(logp_Bx2[:, 0], logp_Bx2[:, 1], ref_Bx2[:, 0], ref_Bx2[:, 1])
         loss = jnp.mean(dpo_loss(margin, obj.kl.beta, self.variant, self.label_smoothing))
@@ -323,17 +355,13 @@ class SFT:
 
     default_kl: ClassVar[None] = None
     kl_in_loss: ClassVar[bool] = False
+    needs_value_head: ClassVar[bool] = False
 
-    def prepare(self, obj, params, frozen, batch, key):
+    def prepare(self, obj, params, batch, frozen, key):
         return batch
 
     def loss(self, obj, params, batch, frozen):
-        out = obj.policy.outputs(params, frozen, batch)
-        mask = out.mask_BxT
-        if "weights" in batch:
-            mask = mask * batch["weights"][:, None]
-        n = mask.sum()
-        return -jnp.sum(out.logp_BxT * mask) / jnp.maximum(n, 1.0), {"tokens": n}
+        return response_nll(obj.policy.outputs(params, frozen, batch), batch.get("weights"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,7 +381,7 @@ class RSFT(SFT):
         if self.filter == "threshold" and self.threshold is None:
             raise ValueError("RSFT(filter='threshold') needs a threshold")
 
-    def prepare(self, obj, params, frozen, batch, key):
+    def prepare(self, obj, params, batch, frozen, key):
         r_GxK = _grouped(batch["rewards"], self.group_size)
         if self.filter == "best_of_k":
             keep = rsft.best_of_k(r_GxK, -jnp.inf if self.threshold is None else self.threshold)

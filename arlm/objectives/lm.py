@@ -1,7 +1,11 @@
-"""Language-modelling losses: pretraining (eq. 7) and SFT with response masks (eq. 8).
+"""Language-modelling losses: pretraining (eq. 7) and SFT on response tokens (eq. 8).
 
-Both are built as `loss_fn(params, batch) -> (loss, metrics)`, the shape every
-objective in arlm takes so that one generic train step serves them all.
+Pretraining reads {"inputs", "targets"} token batches. SFT reads the one sequence-batch format of
+`arlm.model.log_probs` (tokens, positions, attention, response_mask; optional per-row "weights"),
+the format rollouts, preference pairs and `TaskIO.sft_batch` produce, and `response_nll` is the one
+implementation of eq. 8: `sft_loss` here and the `SFT`/`RSFT` estimators of eq. 9 both call it.
+Both losses are built as `loss_fn(params, batch) -> (loss, metrics)`, the shape every objective in
+arlm takes so that one generic train step serves them all.
 """
 
 from __future__ import annotations
@@ -13,16 +17,11 @@ import jax.numpy as jnp
 
 from arlm.config import ModelConfig
 from arlm.model import apply_model
+from arlm.model.log_probs import PolicyOutputs, policy_outputs, token_log_probs
 
 Array = jax.Array
 Batch = dict[str, Array]
 LossFn = Callable[[Any, Batch], tuple[Array, dict[str, Array]]]
-
-
-def token_log_probs(logits_BxTxV: Array, targets_BxT: Array) -> Array:
-    """log p_θ(x_{t+1} | x_{≤t}) of each target, in float32: log_softmax then gather."""
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
 
 
 def masked_mean_nll(logp_BxT: Array, mask_BxT: Array | None) -> tuple[Array, Array]:
@@ -37,21 +36,32 @@ def masked_mean_nll(logp_BxT: Array, mask_BxT: Array | None) -> tuple[Array, Arr
 def pretrain_loss(config: ModelConfig, params: Any, batch: Batch) -> tuple[Array, dict[str, Array]]:
     """Eq. 7: L_PT(θ) = −(1/N) Σ_t log p_θ(x_{t+1} | x_{≤t}), plus the MoE load-balancing loss.
 
-    batch: {"inputs": int[B, T], "targets": int[B, T]} with targets the inputs shifted by one;
-    an optional "loss_mask": [B, T] turns this into eq. 8 (see `sft_loss`).
+    batch: {"inputs": int[B, T], "targets": int[B, T]} with targets the inputs shifted by one.
     """
+    if "loss_mask" in batch or "response_mask" in batch:
+        raise ValueError("pretrain_loss (eq. 7) scores every token; for eq. 8 use sft_loss on a sequence batch")
     out = apply_model(config, params, batch["inputs"])
     logp_BxT = token_log_probs(out.logits_BxTxV, batch["targets"])
-    nll, n_tokens = masked_mean_nll(logp_BxT, batch.get("loss_mask"))
+    nll, n_tokens = masked_mean_nll(logp_BxT, None)
     loss = nll + config.moe_aux_weight * out.moe_aux_loss if config.n_experts else nll
     return loss, {"nll": nll, "moe_aux": out.moe_aux_loss, "tokens": n_tokens}
 
 
+def response_nll(out: PolicyOutputs, weights_B: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    """Eq. 8: −Σ_t m_t log π_θ(y_t | x, y_<t) / Σ_t m_t over the response mask m (rows weighted by
+    `weights_B` if given: RSFT's keep mask), and the number of scored tokens."""
+    mask_BxT = out.mask_BxT if weights_B is None else out.mask_BxT * weights_B[:, None]
+    nll, n_tokens = masked_mean_nll(out.logp_BxT, mask_BxT)
+    return nll, {"tokens": n_tokens}
+
+
 def sft_loss(config: ModelConfig, params: Any, batch: Batch) -> tuple[Array, dict[str, Array]]:
-    """Eq. 8: the eq. 7 sum restricted to response tokens (batch["loss_mask"] = 1 there)."""
-    if "loss_mask" not in batch:
-        raise KeyError("SFT needs batch['loss_mask'] marking response tokens (eq. 8)")
-    return pretrain_loss(config, params, batch)
+    """Eq. 8 on a sequence batch (`arlm.model.log_probs`): the eq. 7 sum restricted to the response."""
+    missing = {"tokens", "positions", "attention", "response_mask"} - set(batch)
+    if missing:
+        raise KeyError(f"SFT (eq. 8) needs a sequence batch; missing {sorted(missing)} "
+                       f"(build one with arlm.model.log_probs.sequence_batch)")
+    return response_nll(policy_outputs(config, params, batch), batch.get("weights"))
 
 
 def make_lm_loss(config: ModelConfig, kind: str = "pretrain") -> LossFn:

@@ -1,5 +1,5 @@
 """Config of `experiments/pistar.py`: every method on the enumerable problem of
-`arlm.alignment.convergence` (V = 4, N = 3 → 64 responses per prompt, 2 prompts, β = 0.5)."""
+`arlm.jobs.pistar` (V = 4, N = 3 → 64 responses per prompt, 2 prompts, β = 0.5)."""
 
 import ml_collections
 

@@ -31,10 +31,10 @@ from arlm.alignment.rollout import pair_batch, preference_pairs, sample_rollout
 from arlm.alignment.trainer import Trainer
 from arlm.config import ModelConfig
 from arlm.model import init_params
-from arlm.objectives.kl import KLRegularizer
-from arlm.objectives.kl_regularized import DPO, GRPO, PPO, RLOO, RSFT, KLObjective, Policy
+from arlm.alignment import methods
+from arlm.objectives.kl_regularized import KLObjective
 from arlm.sharding import MeshConfig, make_mesh
-from arlm.train.lora import LoraConfig
+from arlm.model.lora import LoraConfig
 
 METHODS = ("ppo", "grpo", "grpo_unscaled_k2", "rloo", "dpo", "rsft")
 
@@ -67,12 +67,10 @@ class Problem:
 
 
 def make_objective(method: str, problem: Problem, k: int, lora: LoraConfig | None = None) -> KLObjective:
-    policy = Policy(problem.model_config(), lora)
-    estimators = {"ppo": PPO(), "grpo": GRPO(group_size=k), "grpo_unscaled_k2": GRPO(group_size=k, scale_rewards=False),
-                  "rloo": RLOO(group_size=k), "dpo": DPO(),
-                  "rsft": RSFT(group_size=k, filter="boltzmann", r_max=problem.r_max)}
-    kl_estimator = {"grpo": "k3", "grpo_unscaled_k2": "k2"}.get(method, "k1")
-    return KLObjective(policy, KLRegularizer(problem.beta, kl_estimator), estimators[method])
+    """The registry's `method` on this problem; RSFT keeps π_ref's samples by the Boltzmann filter,
+    i.e. draws of π* (its r_max is the problem's)."""
+    options = {"filter": "boltzmann", "r_max": problem.r_max} if method == "rsft" else {}
+    return methods.make_objective(method, problem.model_config(), problem.beta, group_size=k, lora=lora, **options)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,16 +40,16 @@ from arlm.inference import GREEDY, Sampler, generate
 from arlm.model import init_params
 from arlm.objectives.heads import init_reward_model, reward_model_scores
 from arlm.objectives.kl import KLRegularizer
-from arlm.objectives.kl_regularized import DPO, GRPO, PPO, RLOO, RSFT, SFT, KLObjective, Policy
+from arlm.alignment import methods
+from arlm.objectives.kl_regularized import SFT, KLObjective, Policy
 from arlm.objectives.preference import bradley_terry_loss
-from arlm.objectives.sequences import sequence_batch
 from arlm.sharding import MeshConfig, batch_sharding, make_mesh
-from arlm.train.lora import LoraConfig
+from arlm.model.lora import LoraConfig
 from arlm.train.metrics import MetricsWriter
 from arlm.train.state import state_from_params
 from arlm.train.step import make_train_step
 
-METHODS = ("rlhf_ppo", "dpo", "rsft", "rlvr_grpo", "rlvr_rloo", "rlvr_ppo")
+METHODS = ("rlhf_ppo", "dpo", "rsft", "rlvr_grpo", "rlvr_rloo", "rlvr_ppo")   # the order of the summary
 
 
 def _task_and_model(cfg: ml_collections.ConfigDict) -> tuple[TaskIO, ModelConfig, Any, dict]:
@@ -74,7 +74,7 @@ def _sft_start_model(cfg: ml_collections.ConfigDict, io: TaskIO) -> tuple[ModelC
     between 5 % and 56 % of held-out problems.
     """
     from arlm.alignment.tasks import ArithmeticTokenizer
-    from arlm.train.pretrain_job import model_config_from
+    from arlm.jobs.pretrain import model_config_from
     s = cfg.start
     model_cfg = model_config_from(s.model, ArithmeticTokenizer().vocab_size)
     objective = KLObjective(Policy(model_cfg), KLRegularizer(0.0), SFT())
@@ -84,28 +84,23 @@ def _sft_start_model(cfg: ml_collections.ConfigDict, io: TaskIO) -> tuple[ModelC
     probe, target = pool[:s.probe], s.target_success
     rng = np.random.default_rng(cfg.seed)
     info: dict[str, Any] = {}
-    for step in range(1, s.steps + 1):
-        trainer.update(_answer_batch(io, [pool[i] for i in rng.integers(0, len(pool), s.batch_size)]))
-        if target > 0 and (step % s.check_every == 0 or step == s.steps):
-            info = {"sft_steps": step, "sft_probe_success": float(
-                greedy_success(io, model_cfg, trainer.policy_params(), probe, jax.random.PRNGKey(cfg.seed))[0].mean())}
-            if info["sft_probe_success"] >= target:
-                break
+    with _bar(cfg, s.steps, "π_ref: SFT from scratch (eq. 8)") as bar:
+        for step in range(1, s.steps + 1):
+            trainer.update(io.sft_batch([pool[i] for i in rng.integers(0, len(pool), s.batch_size)]))
+            bar.update()
+            if target > 0 and (step % s.check_every == 0 or step == s.steps):
+                probe_r, _ = greedy_success(io, model_cfg, trainer.policy_params(), probe, jax.random.PRNGKey(cfg.seed))
+                info = {"sft_steps": step, "sft_probe_success": float(probe_r.mean())}
+                bar.set_postfix(probe_success=f"{info['sft_probe_success']:.2f}", target=target)
+                if info["sft_probe_success"] >= target:
+                    break
     return model_cfg, jax.device_get(trainer.policy_params()), info or {"sft_steps": s.steps}
 
 
-def _answer_batch(io: TaskIO, problems: list[Problem]) -> dict[str, np.ndarray]:
-    """A sequence batch of (prompt, reference answer) pairs, right-aligned prompts."""
-    prompts = io.prompts(problems)
-    answers = [io.encode_answer(p) for p in problems]
-    width, n = max(map(len, prompts)), max(map(len, answers))
-    prompt_BxP = np.full((len(problems), width), io.pad_id, np.int32)
-    answer_BxN = np.full((len(problems), n), io.pad_id, np.int32)
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        prompt_BxP[i, width - len(p):] = p
-        answer_BxN[i, :len(a)] = a
-    start = np.asarray([width - len(p) for p in prompts], np.int32)
-    return sequence_batch(prompt_BxP, start, answer_BxN, np.asarray([len(a) for a in answers], np.int32))
+def _bar(cfg: ml_collections.ConfigDict, total: int, desc: str):
+    """A per-phase progress bar with an ETA (stderr); `cfg.progress = False` silences it."""
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, disable=not cfg.get("progress", True), dynamic_ncols=True, leave=True)
 
 
 def _mesh(cfg: ml_collections.ConfigDict):
@@ -115,14 +110,20 @@ def _mesh(cfg: ml_collections.ConfigDict):
     return make_mesh(MeshConfig(**fields), devices=jax.devices()[:n] if n else None)
 
 
+# The job's methods: (registry method, fixed options); the reward source is in the name.
+JOB_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "rlhf_ppo": ("ppo", {}), "rlvr_ppo": ("ppo", {}), "dpo": ("dpo", {}),
+    "rsft": ("rsft", {"filter": "best_of_k", "threshold": 1.0}),
+    "rlvr_grpo": ("grpo", {}), "rlvr_rloo": ("rloo", {})}
+
+
 def _objective(method: str, model_cfg: ModelConfig, cfg: ml_collections.ConfigDict) -> KLObjective:
+    """The registry's objective for a job method (each estimator's default KL: GRPO k3, PPO and RLOO k1)."""
     lora = LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha) if cfg.lora.rank else None
-    k = cfg.rollout.k
-    estimators = {"rlhf_ppo": PPO(), "rlvr_ppo": PPO(), "dpo": DPO(variant=cfg.dpo.variant),
-                  "rsft": RSFT(group_size=k, filter="best_of_k", threshold=1.0),
-                  "rlvr_grpo": GRPO(group_size=k), "rlvr_rloo": RLOO(group_size=k)}
-    kl = KLRegularizer(cfg.beta[method])       # each estimator's default: GRPO k3, PPO and RLOO k1
-    return KLObjective(Policy(model_cfg, lora), kl, estimators[method])
+    name, options = JOB_METHODS[method]
+    if name == "dpo":
+        options = dict(options, variant=cfg.dpo.variant)
+    return methods.make_objective(name, model_cfg, cfg.beta[method], group_size=cfg.rollout.k, lora=lora, **options)
 
 
 def collect_preferences(io: TaskIO, model_cfg: ModelConfig, params: Any, problems: list[Problem], k: int,
@@ -160,9 +161,11 @@ def train_reward_model(model_cfg: ModelConfig, backbone: Any, pairs: dict[str, n
     step = make_train_step(loss_fn, optimizer, sharding, batch_sharding(mesh))
     rng = np.random.default_rng(0)
     b = cfg.reward_model.batch_size
-    for _ in range(cfg.reward_model.steps):
-        idx = rng.integers(0, len(train["tokens"]), b)
-        state, metrics = step(state, {k: v[idx] for k, v in train.items()})
+    with _bar(cfg, cfg.reward_model.steps, "reward model (eq. 11)") as bar:
+        for _ in range(cfg.reward_model.steps):
+            idx = rng.integers(0, len(train["tokens"]), b)
+            state, metrics = step(state, {k: v[idx] for k, v in train.items()})
+            bar.update()
     r_val = jax.jit(scores)(state.params, val)
     acc = float(jnp.mean(r_val[:, 0] > r_val[:, 1]))
     return state.params, {"train_accuracy": float(metrics["accuracy"]), "heldout_accuracy": acc,
@@ -252,6 +255,7 @@ def run_alignment(config: ml_collections.ConfigDict) -> dict[str, Any]:
             reward_fn = centered_reward_model(model_cfg, rm, config.rollout.k)
         writer.write(0, method, before)
         rng = np.random.default_rng(config.seed)
+        bar = _bar(config, config.iterations, method)
         for it in range(1, config.iterations + 1):
             if method == "dpo":
                 idx = rng.integers(0, pairs["tokens"].shape[0], config.dpo.batch_pairs)
@@ -269,6 +273,10 @@ def run_alignment(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 ev, texts = evaluate(io, model_cfg, trainer.policy_params(), ref_params, eval_problems,
                                      jax.random.fold_in(key, it), config.eval.k)
                 writer.write(it, method, dict(ev, **{f"train_{k}": v for k, v in train_metrics.items()}))
+                bar.set_postfix(greedy=f"{ev['success_greedy']:.2f}", sampled=f"{ev['success_sampled']:.2f}",
+                                kl=f"{ev['kl']:.3f}")
+            bar.update()
+        bar.close()
         after = ev
         summary["methods"][method] = dict(after, **extra, seconds=round(time.perf_counter() - m_t0, 1),
                                           gain_greedy=after["success_greedy"] - before["success_greedy"],
@@ -280,7 +288,7 @@ def run_alignment(config: ml_collections.ConfigDict) -> dict[str, Any]:
     writer.close()
     with open(os.path.join(config.workdir, "samples.txt"), "w", encoding="utf-8") as f:
         f.write("\n\n".join(samples) + "\n")
-    from arlm.alignment.plots import plot_alignment
+    from arlm.jobs.plots import plot_alignment
     plot_alignment(metrics_path, config.workdir)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     with open(os.path.join(config.workdir, "summary.json"), "w", encoding="utf-8") as f:
