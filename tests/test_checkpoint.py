@@ -263,35 +263,50 @@ def _delete(files):
         os.remove(f)
 
 
-def _orbax_reads(step_dir):
-    """Whether orbax alone (no target, no arlm checks) still reads <step>/state without an error."""
+def _orbax_read(step_dir):
+    """What orbax alone (no target, no arlm checks) reads from <step>/state, as host arrays, or None
+    if it raises."""
     import orbax.checkpoint as ocp
     try:
-        ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(step_dir), "state"))
-        return True
+        return jax.tree_util.tree_leaves(jax.device_get(
+            ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(step_dir), "state"))))
     except Exception:  # noqa: BLE001  -- any orbax/tensorstore failure means orbax saw the damage
-        return False
+        return None
     finally:
         gc.collect()
 
 
+def _silent_flip(files):
+    """Flip one bit of the arrays' stored bytes such that orbax and tensorstore read the checkpoint
+    without complaint but get different values: only arlm's own checksums can tell.
+
+    Where a bit lands depends on the files' layout (a flip in a compression header or an OCDBT
+    b-tree node is caught by them; one in bytes no array uses changes nothing), so try a few
+    positions in each file, largest first, and keep the first flip that orbax reads silently wrong."""
+    step_dir = files[0].split(os.sep + "state" + os.sep)[0]
+    intact = _orbax_read(step_dir)
+    assert intact is not None, f"orbax cannot read the undamaged {step_dir}"
+    for path in sorted(files, key=os.path.getsize, reverse=True):
+        raw = bytearray(open(path, "rb").read())
+        for fraction in (0.5, 0.6, 0.4, 0.7, 0.3, 0.8, 0.2, 0.9):
+            position = int(len(raw) * fraction)
+            raw[position] ^= 0x01
+            open(path, "wb").write(bytes(raw))
+            damaged = _orbax_read(step_dir)
+            if damaged is not None and any(not np.array_equal(a, b) for a, b in zip(intact, damaged)):
+                return
+            raw[position] ^= 0x01
+        open(path, "wb").write(bytes(raw))
+    raise AssertionError(f"no bit tried in {files} changes what orbax reads without orbax noticing")
+
+
 def _flip_one_bit(files):
-    """Flip one bit of the arrays' compressed bytes where orbax and tensorstore read past it, so
-    only arlm's own checksums can tell. Where a bit lands depends on the file's layout (a flip in a
-    compression header or an OCDBT node is caught by them instead), so try a few positions and keep
-    the first that orbax reads without complaint."""
+    """One bit in the middle of the largest payload file: orbax, tensorstore or arlm's checksum
+    must catch it (which one depends on where it lands)."""
     big = max(files, key=os.path.getsize)
-    step_dir = big.split(os.sep + "state" + os.sep)[0]
     raw = bytearray(open(big, "rb").read())
-    for fraction in (0.5, 0.6, 0.4, 0.7, 0.3, 0.8, 0.2, 0.9):
-        position = int(len(raw) * fraction)
-        raw[position] ^= 0x01
-        open(big, "wb").write(bytes(raw))
-        if _orbax_reads(step_dir):
-            return
-        raw[position] ^= 0x01
+    raw[len(raw) // 2] ^= 0x01
     open(big, "wb").write(bytes(raw))
-    raise AssertionError(f"every bit tried in {big} is caught by orbax itself")
 
 
 @pytest.fixture
@@ -305,8 +320,8 @@ def orbax_leftovers():
 @pytest.mark.usefixtures("orbax_leftovers")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
-@pytest.mark.parametrize("damage", [_overwrite, _truncate, _delete, _flip_one_bit],
-                         ids=["overwrite", "truncate", "delete", "flip_one_bit"])
+@pytest.mark.parametrize("damage", [_overwrite, _truncate, _delete, _flip_one_bit, _silent_flip],
+                         ids=["overwrite", "truncate", "delete", "flip_one_bit", "silent_flip"])
 def test_corrupt_checkpoint_raises(tmp_path, one_device, damage):
     state, _, _ = one_device
     directory = str(tmp_path / "ck")
@@ -348,7 +363,8 @@ def _corrupt_json(step_dir):
         fh.truncate(os.path.getsize(path) // 2)
 
 
-DAMAGES = {"flip_one_bit": lambda d: _flip_one_bit(_data_files(d)),     # only arlm's checksum sees it
+DAMAGES = {"flip_one_bit": lambda d: _flip_one_bit(_data_files(d)),
+           "silent_flip": lambda d: _silent_flip(_data_files(d)),       # only arlm's checksum sees it
            "truncate": lambda d: _truncate(_data_files(d)),
            "delete": lambda d: _delete(_data_files(d)),
            "corrupt_json": _corrupt_json}
@@ -405,7 +421,7 @@ def test_resume_falls_back_to_newest_intact_step(three_checkpoints, damage):
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 def test_resume_skips_two_damaged_steps(three_checkpoints):
     directory, saved, target = three_checkpoints
-    DAMAGES["flip_one_bit"](os.path.join(directory, "3"))
+    DAMAGES["silent_flip"](os.path.join(directory, "3"))
     DAMAGES["corrupt_json"](os.path.join(directory, "2"))
     with pytest.warns(DamagedCheckpointWarning) as record:
         restored, data = restore(directory, target)
@@ -423,7 +439,7 @@ def test_resume_skips_two_damaged_steps(three_checkpoints):
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 def test_all_steps_damaged_raises_and_moves_nothing(three_checkpoints):
     directory, _, target = three_checkpoints
-    for step, damage in zip((1, 2, 3), ("truncate", "corrupt_json", "flip_one_bit")):
+    for step, damage in zip((1, 2, 3), ("truncate", "corrupt_json", "silent_flip")):
         DAMAGES[damage](os.path.join(directory, str(step)))
     with pytest.raises(CheckpointError, match="no intact checkpoint") as info:
         restore(directory, target)
@@ -439,7 +455,7 @@ def test_all_steps_damaged_raises_and_moves_nothing(three_checkpoints):
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 def test_explicit_step_stays_strict(three_checkpoints):
     directory, saved, target = three_checkpoints
-    DAMAGES["flip_one_bit"](os.path.join(directory, "3"))
+    DAMAGES["silent_flip"](os.path.join(directory, "3"))
     with warnings.catch_warnings():
         warnings.simplefilter("error", DamagedCheckpointWarning)
         with pytest.raises(CheckpointError, match="step 3 .* checksum mismatch"):

@@ -32,6 +32,7 @@ embedding (SmolLM2's is 49152 × 576) becomes an XLA constant that compilation f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -71,11 +72,21 @@ def jacobian_block(config: ModelConfig, params: Any, embeddings_TxD: Array, laye
     return jax.jacfwd(f)(jnp.zeros((config.d_model,), jnp.float32))
 
 
+def _first_layers(config: ModelConfig, params: Any, layer: int) -> tuple[ModelConfig, Any]:
+    """The model cut after `layer` blocks (h^(0..layer) are unchanged): the layers are one scan, so
+    without the cut a Jacobian at layer ℓ would push every tangent through all L layers."""
+    if layer < 1 or layer >= config.n_layers:
+        return config, params
+    cut = dict(params, layers=jax.tree_util.tree_map(lambda x: x[:layer], params["layers"]))
+    return dataclasses.replace(config, n_layers=layer), cut
+
+
 @functools.partial(jax.jit, static_argnames=("config", "layer", "normed"))
 def _jacobian_chunk(config: ModelConfig, params: Any, embeddings_TxD: Array, sources_C: Array, layer: int,
                     normed: bool) -> Array:
     """[C, T, D_out, D_in]: ∂h_t^(ℓ)/∂h_s^(0) for the C sources and every target t (forward mode)."""
     d = config.d_model
+    config, params = _first_layers(config, params, layer)
     _, jvp = jax.linearize(lambda e: hidden_states(config, params, e, normed=normed)[layer], embeddings_TxD)
     eye_DxD = jnp.eye(d, dtype=embeddings_TxD.dtype)
 
@@ -93,7 +104,8 @@ def jacobian_blocks(config: ModelConfig, params: Any, embeddings_TxD: Array, lay
 
     Computed `chunk` sources per compiled call (the last chunk is padded and its padding dropped),
     so peak memory is chunk × D tangents of [T, D] whatever S is; see the module docstring for the
-    cost of forward vs reverse mode. Blocks with t < s are exactly 0 (causality)."""
+    cost of forward vs reverse mode. Only the first `layer` blocks run (the model is cut after
+    them), so an early layer costs less than the last. Blocks with t < s are exactly 0 (causality)."""
     t_len = embeddings_TxD.shape[0]
     sources = [int(s) for s in sources]
     if not sources:

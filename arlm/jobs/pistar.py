@@ -90,8 +90,14 @@ DEFAULT_RUNS = {m: RunConfig() for m in METHODS} | {
 
 
 def run(method: str, problem: Problem = Problem(), cfg: RunConfig | None = None, *,
-        ref_params: Any = None, progress: bool = False) -> dict[str, list[float]]:
-    """Train one method; return the exact KL(π_θ ‖ π*) and J(π_θ) after every iteration (index 0: π_ref)."""
+        ref_params: Any = None, progress: bool = False, objective: KLObjective | None = None) -> dict[str, list[float]]:
+    """Train one method; return the exact KL(π_θ ‖ π*) and J(π_θ) after every iteration (index 0: π_ref).
+
+    `method` names what the run learns from (the method's data: π_θ's rollouts, or for "dpo" and
+    "rsft" π_ref's samples, paired and labelled by Bradley–Terry for "dpo") and, by default, its
+    objective (the registry's). Pass `objective` to check your own estimator against π* on the
+    same data, e.g. `run("dpo", objective=KLObjective(Policy(problem.model_config()), kl, MyDPO()))`.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     cfg = DEFAULT_RUNS[method] if cfg is None else cfg
@@ -99,7 +105,8 @@ def run(method: str, problem: Problem = Problem(), cfg: RunConfig | None = None,
     if ref_params is None:
         ref_params = init_params(config, jax.random.PRNGKey(problem.model_seed))
     lora = LoraConfig(rank=cfg.lora_rank, alpha=2.0 * cfg.lora_rank) if cfg.lora_rank else None
-    objective = make_objective(method, problem, cfg.k, lora)
+    if objective is None:
+        objective = make_objective(method, problem, cfg.k, lora)
     mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
     trainer = Trainer(objective, ref_params, optax.adam(cfg.learning_rate), mesh=mesh, seed=cfg.seed)
 
