@@ -6,6 +6,7 @@ jax.config.update("jax_enable_x64", False)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 import gc  # noqa: E402
+import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -34,3 +35,19 @@ def _release_compiled_code():
     if _memory_maps() > _MAPS_BEFORE_CLEARING:
         jax.clear_caches()
         gc.collect()
+
+
+_SLOW_LIST = pathlib.Path(__file__).with_name("slow_tests.txt")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `slow` the tests that tests/slow_tests.txt names (measured over 5 s each on 2 cores)."""
+    slow = {line.strip() for line in _SLOW_LIST.read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+    root = pathlib.Path(str(config.rootpath))
+    for item in items:
+        nodeid = item.nodeid
+        if not nodeid.startswith("tests/"):          # pytest run from inside tests/
+            nodeid = str(pathlib.Path(item.path).relative_to(root)) + "::" + nodeid.split("::", 1)[-1]
+        if nodeid in slow:
+            item.add_marker(pytest.mark.slow)
