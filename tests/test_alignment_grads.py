@@ -64,7 +64,7 @@ from arlm.model.log_probs import sequence_batch
 from arlm.model.lora import LoraConfig
 from arlm.objectives.heads import init_reward_model, reward_model_scores, scalar_head
 from arlm.objectives.kl import KLRegularizer
-from arlm.objectives.kl_regularized import DPO, GRPO, PPO, RLOO, RSFT, SFT, KLObjective, Policy
+from arlm.objectives.kl_regularized import DPO, GRPO, PPO, RLOO, RSFT, SFT, KLObjective, Policy, preference_rows
 from arlm.objectives.preference import bradley_terry_loss, dpo_margin
 
 V = 11
@@ -158,14 +158,6 @@ def pair_batch(seed: int = 0) -> dict:
     return {k: jnp.stack([chosen[k], rejected[k]], axis=1) for k in chosen}
 
 
-def _rows(pairs: dict) -> dict:
-    """[B, 2, T] pairs → a [2B, T] sequence batch (chosen, rejected, chosen, …)."""
-    return {k: v.reshape(-1, v.shape[-1]) for k, v in pairs.items() if k in SEQUENCE_KEYS}
-
-
-SEQUENCE_KEYS = ("tokens", "positions", "attention", "response_mask")
-
-
 # ----------------------------------------------------------------------------------------------
 # Kinks: signed distances from each sample to where the loss bends (inf for samples with none)
 # ----------------------------------------------------------------------------------------------
@@ -243,7 +235,7 @@ def kl_problem(model: str, estimator, kl: KLRegularizer, *, pairs: bool = False,
             values = scalar_head(params["value"], out.hidden_BxTxD) if ppo else None
             return batch, (jnp.exp(out.logp_BxT - batch["old_logp"]), out.mask_BxT, values)
         if hinge:
-            logp = obj.policy.outputs(params, frozen, _rows(batch)).sequence_logp().reshape(-1, 2)
+            logp = obj.policy.outputs(params, frozen, preference_rows(batch)).sequence_logp().reshape(-1, 2)
             ref_lp = batch["ref_seq_logp"]
             return batch, dpo_margin(logp[:, 0], logp[:, 1], ref_lp[:, 0], ref_lp[:, 1])
         return batch, None
@@ -293,7 +285,7 @@ def kl_problem(model: str, estimator, kl: KLRegularizer, *, pairs: bool = False,
                 return ratio_kinks(p, fr)
         elif hinge:
             def kinks(c, p, fr):
-                logp = obj.policy.outputs(p, fr, _rows(batch)).sequence_logp().reshape(-1, 2)
+                logp = obj.policy.outputs(p, fr, preference_rows(batch)).sequence_logp().reshape(-1, 2)
                 ref_lp = batch["ref_seq_logp"]
                 h = dpo_margin(logp[:, 0], logp[:, 1], ref_lp[:, 0], ref_lp[:, 1])
                 return (1.0 - kl.beta * h) / HINGE_MARGIN

@@ -176,6 +176,12 @@ def _ratio_rows(w: World, clip_eps: float):
     return rows
 
 
+def _np_clipped_surrogate(rho, a, eps):
+    """Eq. 12's clipped surrogate per token, −min(ρA, clip(ρ, 1 ± ε)A), and TRL's clip indicator."""
+    return (-np.minimum(rho * a, np.clip(rho, 1 - eps, 1 + eps) * a),
+            ((rho > 1 + eps) & (a > 0)) | ((rho < 1 - eps) & (a < 0)))
+
+
 def np_ppo(w: World, est: PPO, beta: float, kl_est: str):
     adv, ret, v_old = [], [], []
     for b in range(B):
@@ -200,9 +206,9 @@ def np_ppo(w: World, est: PPO, beta: float, kl_est: str):
     ratios = _ratio_rows(w, est.clip_eps)
     pg_rows, vf_rows, clip_rows = [], [], []
     for b in range(B):
-        rho, a = ratios[b], adv[b]
-        pg_rows.append(-np.minimum(rho * a, np.clip(rho, 1 - est.clip_eps, 1 + est.clip_eps) * a))
-        clip_rows.append(((rho > 1 + est.clip_eps) & (a > 0)) | ((rho < 1 - est.clip_eps) & (a < 0)))
+        pg, clipped = _np_clipped_surrogate(ratios[b], adv[b], est.clip_eps)
+        pg_rows.append(pg)
+        clip_rows.append(clipped)
         v_new = np_scalar_head(w.value["new"], w.hidden["new"][b]) if LENGTHS[b] else np.zeros(0)
         v_clip = v_old[b] + np.clip(v_new - v_old[b], -est.value_clip, est.value_clip)
         vf_rows.append(0.5 * np.maximum((v_new - ret[b]) ** 2, (v_clip - ret[b]) ** 2))
@@ -224,9 +230,9 @@ def np_grpo(w: World, est: GRPO, beta: float, kl_est: str):
     ratios = _ratio_rows(w, est.clip_eps)
     pg_rows, kl_rows, clip_rows = [], [], []
     for b in range(B):
-        rho, a = ratios[b], a_b[b]
-        pg_rows.append(-np.minimum(rho * a, np.clip(rho, 1 - est.clip_eps, 1 + est.clip_eps) * a))
-        clip_rows.append(((rho > 1 + est.clip_eps) & (a > 0)) | ((rho < 1 - est.clip_eps) & (a < 0)))
+        pg, clipped = _np_clipped_surrogate(ratios[b], a_b[b], est.clip_eps)
+        pg_rows.append(pg)
+        clip_rows.append(clipped)
         kl_rows.append(_token_kl(w, "new", b, kl_est))
     reduce = _token_mean if est.reduction == "token" else _seq_mean
     loss = reduce([p + beta * k for p, k in zip(pg_rows, kl_rows)])

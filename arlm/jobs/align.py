@@ -41,7 +41,7 @@ from arlm.model import init_params
 from arlm.objectives.heads import init_reward_model, reward_model_scores
 from arlm.objectives.kl import KLRegularizer
 from arlm.alignment import methods
-from arlm.objectives.kl_regularized import SFT, KLObjective, Policy
+from arlm.objectives.kl_regularized import SFT, KLObjective, Policy, preference_rows
 from arlm.objectives.preference import bradley_terry_loss
 from arlm.sharding import MeshConfig, batch_sharding, make_mesh
 from arlm.model.lora import LoraConfig
@@ -149,8 +149,7 @@ def train_reward_model(model_cfg: ModelConfig, backbone: Any, pairs: dict[str, n
     train = {k: v[n_val:] for k, v in pairs.items()}
 
     def scores(rm, batch):
-        flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
-        return reward_model_scores(model_cfg, rm, flat).reshape(-1, 2)
+        return reward_model_scores(model_cfg, rm, preference_rows(batch)).reshape(-1, 2)
 
     def loss_fn(rm, batch):
         r = scores(rm, batch)

@@ -33,9 +33,12 @@ from arlm.model.transformer import apply_model
 Array = jax.Array
 Batch = dict[str, Array]
 
+SEQUENCE_KEYS = ("tokens", "positions", "attention", "response_mask")    # the arrays of a sequence batch
+
 
 def token_log_probs(logits_BxTxV: Array, targets_BxT: Array) -> Array:
-    """log p_θ(x_{t+1} | x_{≤t}) of each target, in float32: log_softmax then gather."""
+    """log p_θ(x_{t+1} | x_{≤t}) of each target (eq. 6's law at the targets: the terms of eq. 7), in
+    float32: log_softmax then gather."""
     logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
 
@@ -103,7 +106,8 @@ def policy_outputs(config: ModelConfig, params: Any, batch: Batch, *, logits: bo
 
 def sequence_log_prob(config: ModelConfig, params: Any, prompt_BxP: Array, completion_BxN: Array,
                       completion_mask_BxN: Array | None = None, *, prompt_lengths_B: Array | None = None) -> Array:
-    """log π_θ(y | x) = Σ_t log p_θ(y_t | x, y_<t) over the (masked) completion tokens; [B], float32.
+    """log π_θ(y | x) = Σ_t log p_θ(y_t | x, y_<t) (eq. 6 chained over the completion) over the (masked)
+    completion tokens; [B], float32.
 
     The one function for log π(y|x) of a batch of prompts and completions: prompts of equal length
     (`prompt_lengths_B=None`) or ragged and left-padded to P (row b's prompt is its last

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from arlm.config import ModelConfig
-from arlm.model.log_probs import Batch, PolicyOutputs, policy_outputs
+from arlm.model.log_probs import SEQUENCE_KEYS, Batch, PolicyOutputs, policy_outputs
 from arlm.model.lora import LoraConfig, init_lora, merge_lora
 from arlm.objectives import advantages as adv_lib
 from arlm.objectives import policy_gradient as pg
@@ -309,9 +309,6 @@ class RLOO:
         out = obj.policy.outputs(params, frozen, batch)
         loss = jnp.mean(pg.reinforce_loss(out.sequence_logp(), batch["advantages"]))
         return loss, _common_metrics(obj, out, batch)
-
-
-SEQUENCE_KEYS = ("tokens", "positions", "attention", "response_mask")
 
 
 def preference_rows(batch: Batch) -> Batch:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from arlm.config import ModelConfig
 from arlm.model import apply_model
-from arlm.model.log_probs import PolicyOutputs, policy_outputs, token_log_probs
+from arlm.model.log_probs import SEQUENCE_KEYS, PolicyOutputs, policy_outputs, token_log_probs
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -57,7 +57,7 @@ def response_nll(out: PolicyOutputs, weights_B: Array | None = None) -> tuple[Ar
 
 def sft_loss(config: ModelConfig, params: Any, batch: Batch) -> tuple[Array, dict[str, Array]]:
     """Eq. 8 on a sequence batch (`arlm.model.log_probs`): the eq. 7 sum restricted to the response."""
-    missing = {"tokens", "positions", "attention", "response_mask"} - set(batch)
+    missing = set(SEQUENCE_KEYS) - set(batch)
     if missing:
         raise KeyError(f"SFT (eq. 8) needs a sequence batch; missing {sorted(missing)} "
                        f"(build one with arlm.model.log_probs.sequence_batch)")
