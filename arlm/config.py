@@ -69,6 +69,9 @@ class ModelConfig:
       moe_aux_weight: weight of the load-balancing loss added to training losses.
       dtype: compute dtype of matmuls; params, softmax and log-softmax stay float32.
       init_std: standard deviation of the normal initialisation.
+      residual_gain: γ ∈ (0, 1] of a contractive residual map (the paper's open question 1): each
+        sub-layer updates h ← γ h + f(Norm(h)) instead of h ← h + f(Norm(h)) (eq. 5), so the identity
+        path through a layer scales a deviation by γ² rather than carrying it unchanged; 1 is eq. 5.
     """
 
     vocab_size: int
@@ -102,6 +105,7 @@ class ModelConfig:
     global_every: int = 0
     rope_local_theta: float | None = None
     rope_scaling: tuple | None = None
+    residual_gain: float = 1.0
 
     def __post_init__(self) -> None:
         for name in _INT_FIELDS:
@@ -141,6 +145,8 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be > 0, got {value!r}")
+        if not 0 < self.residual_gain <= 1:
+            raise ValueError(f"ModelConfig.residual_gain must be in (0, 1], got {self.residual_gain!r}")
         if self.n_experts < 0:
             raise ValueError(f"ModelConfig.n_experts must be ≥ 0, got {self.n_experts}")
         if self.n_experts and not 1 <= self.moe_top_k <= self.n_experts:
@@ -245,7 +251,7 @@ _INT_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_
                "moe_top_k", "head_dim", "sliding_window", "global_every")
 _BOOL_FIELDS = ("use_bias", "tie_embeddings", "qkv_bias", "qk_norm", "sandwich_norm", "scale_embeddings")
 _FLOAT_FIELDS = ("rope_theta", "norm_eps", "moe_aux_weight", "init_std", "attn_scale_dim", "attn_softcap",
-                 "logit_softcap", "rope_local_theta")
+                 "logit_softcap", "rope_local_theta", "residual_gain")
 
 
 def _set(cfg: ModelConfig, name: str, value: Any) -> None:

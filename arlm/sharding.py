@@ -3,14 +3,15 @@
 The mesh has named axes ("data", "fsdp", "tensor"). The batch is split over
 data × fsdp. Parameters are placed by rules, in two steps:
 
-1. every parameter has *logical* axes, named by its role (`LOGICAL_AXES`: e.g. the query
-   projection wq [L, D, H, K] is (layers, embed, heads, head_dim));
+1. every parameter has *logical* axes, named by its role where its module creates it
+   (`arlm.model.layers.weight`; e.g. the query projection wq [L, D, H, K] is
+   ("layers", "embed", "heads", None)), collected by `arlm.model.partitioning`;
 2. `RULES` map logical axes to mesh axes: attention heads, the MLP hidden dimension and the
    vocabulary go to "tensor" (Megatron-style tensor parallelism), the model dimension to
    "fsdp" when `param_sharding="fsdp"`. A dimension the mesh axis does not divide stays whole.
 
-Arrays without known roles (LoRA adapters, value heads) that are large enough are FSDP-split
-along their largest divisible axis. The leading layer axis of stacked params is never split.
+Arrays without declared axes (LoRA adapters, value heads) that are large enough are FSDP-split
+along their largest divisible axis (`fsdp_spec`). The stacked layer axis is never split.
 Optimizer state follows its parameters (`arlm.train.state.state_specs`).
 
 Activations follow the same rules through `constrain(x, logical axes)`, which the model calls at
@@ -61,52 +62,21 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: list | None = None) -> Me
     return Mesh(grid, AXES)
 
 
-# Logical axes of each parameter (after the stacked layer axis), by "<module>/<leaf>" or "<leaf>".
-LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
-    "embed": ("vocab", "embed"),
-    "pos_embed": (None, "embed"),
-    "unembed": ("embed", "vocab"),
-    "attn/wq": ("embed", "heads", None),
-    "attn/wk": ("embed", "kv_heads", None),
-    "attn/wv": ("embed", "kv_heads", None),
-    "attn/wo": ("heads", None, "embed"),
-    "attn/wq_bias": ("heads", None),
-    "attn/wk_bias": ("kv_heads", None),
-    "attn/wv_bias": ("kv_heads", None),
-    "attn/wo_bias": (None,),
-    "mlp/w_gate": ("embed", "mlp"),
-    "mlp/w_up": ("embed", "mlp"),
-    "mlp/w_in": ("embed", "mlp"),
-    "mlp/w_out": ("mlp", "embed"),
-    "mlp/w_in_bias": ("mlp",),
-    "mlp/w_out_bias": (None,),
-    "moe/router": ("embed", None),
-    "moe/w_gate": ("expert", "embed", "mlp"),
-    "moe/w_up": ("expert", "embed", "mlp"),
-    "moe/w_in": ("expert", "embed", "mlp"),
-    "moe/w_out": ("expert", "mlp", "embed"),
-    "scale": (None,),
-    "bias": (None,),
+# The one table: logical axis → mesh axes, for weights, activations and the KV cache. Weights
+# declare their logical axes where they are created (`arlm.model.layers.weight`); activations
+# name theirs in `constrain`. "embed" (the model dimension D) is split over "fsdp" for weights
+# only under param_sharding="fsdp", and activations keep D whole (they pass None for it).
+RULES: dict[str, tuple[str, ...]] = {
+    "batch": BATCH_AXES,          # rows of the batch, of activations and of the KV cache
+    "heads": ("tensor",), "kv_heads": ("tensor",), "mlp": ("tensor",), "vocab": ("tensor",),
+    "embed": ("fsdp",),
 }
 
-# Logical axis → mesh axis.
-RULES: dict[str, str] = {"heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor",
-                         "embed": "fsdp"}
 
-
-def logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...] | None:
-    """The logical axes of the parameter at `path` ([None, …] for the stacked layer axis), or None."""
-    names = [str(getattr(k, "key", k)) for k in path]
-    axes = LOGICAL_AXES.get("/".join(names[-2:])) or LOGICAL_AXES.get(names[-1])
-    if axes is None or len(axes) > ndim:
-        return None
-    return (None,) * (ndim - len(axes)) + axes
-
-
-def fsdp_spec(path: tuple, shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
-    """The fallback FSDP rule for one array: split its largest divisible axis over "fsdp"."""
-    names = [str(getattr(k, "key", k)) for k in path]
-    first = 1 if "layers" in names else 0          # stacked layers: never split L
+def fsdp_spec(names: tuple[str, ...], shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
+    """The fallback rule for an array without declared axes (at param path `names`): split its
+    largest divisible axis over "fsdp", never the stacked layer axis under "layers"."""
+    first = 1 if "layers" in names else 0
     if fsdp_size == 1 or int(np.prod(shape)) < min_size:
         return P()
     candidates = [a for a in range(first, len(shape)) if shape[a] % fsdp_size == 0]
@@ -118,44 +88,24 @@ def fsdp_spec(path: tuple, shape: tuple[int, ...], fsdp_size: int, min_size: int
     return P(*spec)
 
 
-def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh, cfg: "MeshConfig") -> P:
-    """The PartitionSpec of one parameter under `RULES` (see the module docstring)."""
+def spec_from_axes(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, cfg: MeshConfig) -> P:
+    """The PartitionSpec of a weight with logical `axes` under `RULES`: each mesh axis used once,
+    "fsdp" only under param_sharding="fsdp" for weights of at least `min_fsdp_size` elements,
+    and a dimension the mesh axis does not divide stays whole."""
     fsdp_on = cfg.param_sharding == "fsdp" and int(np.prod(shape)) >= cfg.min_fsdp_size
-    axes = logical_axes(path, len(shape))
-    if axes is None:
-        return fsdp_spec(path, shape, mesh.shape["fsdp"], cfg.min_fsdp_size) if fsdp_on else P()
     spec: list[str | None] = [None] * len(shape)
     for i, name in enumerate(axes):
-        mesh_axis = RULES.get(name) if name else None
-        if mesh_axis is None or mesh_axis in spec or mesh.shape[mesh_axis] == 1:
-            continue
-        if mesh_axis == "fsdp" and not fsdp_on:
-            continue
-        if shape[i] % mesh.shape[mesh_axis] == 0:
-            spec[i] = mesh_axis
+        for mesh_axis in RULES.get(name, ()) if name else ():
+            if mesh_axis in spec or mesh.shape[mesh_axis] == 1 or (mesh_axis == "fsdp" and not fsdp_on):
+                continue
+            if shape[i] % mesh.shape[mesh_axis] == 0:
+                spec[i] = mesh_axis
     return P(*spec)
 
 
-def param_specs(params: Any, mesh: Mesh, cfg: MeshConfig) -> Any:
-    """A PartitionSpec for every leaf of `params` (arrays or ShapeDtypeStructs)."""
-    def rule(path, x):
-        return param_spec(path, tuple(x.shape), mesh, cfg) if hasattr(x, "shape") else P()
-    return jax.tree_util.tree_map_with_path(rule, params)
-
-
 def cache_spec(mesh: Mesh, batch: int, n_kv_heads: int) -> P:
-    """The KV cache [L, B, S, N, K] under the same rules: rows over data × fsdp (like the batch),
-    key/value heads over "tensor" (like wk/wv); a dimension the mesh axes do not divide stays whole."""
-    rows = mesh.shape["data"] * mesh.shape["fsdp"]
-    heads = mesh.shape["tensor"]
-    return P(None, BATCH_AXES if rows > 1 and batch % rows == 0 else None, None,
-             "tensor" if heads > 1 and n_kv_heads % heads == 0 else None, None)
-
-
-# Logical activation axis → mesh axes ("batch" rows go over data × fsdp, like the input batch).
-ACTIVATION_RULES: dict[str, tuple[str, ...]] = {"batch": BATCH_AXES, "heads": ("tensor",),
-                                                "kv_heads": ("tensor",), "mlp": ("tensor",),
-                                                "vocab": ("tensor",)}
+    """The KV cache [L, B, S, N, K] under `RULES`: rows like the batch, key/value heads like wk/wv."""
+    return activation_spec(dict(mesh.shape), (1, batch, 1, n_kv_heads, 1), (None, "batch", None, "kv_heads", None))
 
 
 def activation_spec(mesh_shape: dict[str, int], shape: tuple[int, ...], axes: tuple[str | None, ...]) -> P:
@@ -165,7 +115,7 @@ def activation_spec(mesh_shape: dict[str, int], shape: tuple[int, ...], axes: tu
         raise ValueError(f"activation of shape {shape} given {len(axes)} logical axes {axes}")
     spec: list[Any] = []
     for size, name in zip(shape, axes):
-        mesh_axes = tuple(a for a in ACTIVATION_RULES.get(name, ()) if mesh_shape.get(a, 1) > 1)
+        mesh_axes = tuple(a for a in RULES.get(name, ()) if mesh_shape.get(a, 1) > 1) if name != "embed" else ()
         n = int(np.prod([mesh_shape[a] for a in mesh_axes])) if mesh_axes else 1
         spec.append(None if n == 1 or size % n else (mesh_axes if len(mesh_axes) > 1 else mesh_axes[0]))
     return P(*spec)

@@ -516,8 +516,8 @@ def generate_hlo_text(cfg: ModelConfig, params: Any, prompt_BxP: np.ndarray, n_n
     gen = sys.modules["arlm.inference.decoding"]
     prompt, start = gen.pad_prompts(cfg, prompt_BxP, n_new)
     return gen._generate.lower(cfg, params, jnp.asarray(prompt), jnp.asarray(start), jax.random.PRNGKey(0),
-                               jnp.asarray([-1], jnp.int32), sampler=GREEDY, max_new_tokens=n_new, pad_id=0,
-                               stream=False).compile().as_text()
+                               jnp.asarray([-1], jnp.int32), sampler=GREEDY, max_new_tokens=n_new,
+                               pad_id=0).compile().as_text()
 
 
 def _hlo_output_sizes(text: str) -> dict[str, int]:

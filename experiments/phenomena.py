@@ -1,10 +1,13 @@
-"""The paper's analysis half, one study per command (eqs. 19–22 and the first experiments).
+"""The paper's analysis half, one study per command (eqs. 19–23 and the first experiments).
 
-    python experiments/phenomena.py --config.study=S      S ∈ trace, temperature, drift, sycophancy, icl, cot_rag
+    python experiments/phenomena.py --config.study=S      S ∈ trace, temperature, drift, sycophancy, icl, cot_rag,
+                                                            continual
 
 Loads `--config.model` (default SmolLM2-135M-Instruct; any path `arlm.load` takes), runs the study
 of `arlm.jobs.phenomena`, and writes summary.json and S.png into --config.workdir (default
-runs/phenomena/S/). Each summary states the paper's claim and what the measurement says about it.
+runs/phenomena/S/). `continual` (eq. 23) trains its own small models instead (fields under
+`--config.continual.*`; `--config.size=large` for a GPU). Each summary states the paper's claim and
+what the measurement says about it.
 """
 
 import os

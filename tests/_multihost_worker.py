@@ -1,11 +1,12 @@
 """One process of the 2-process localhost test (tests/test_multihost.py), or the 1-process reference.
 
-    python tests/_multihost_worker.py OUT.npz [STEPS] [pretrain|grpo|dpo]   (layout from ARLM_* variables)
+    python tests/_multihost_worker.py OUT.npz [STEPS] [pretrain|grpo|dpo|grpo,dpo]   (layout from ARLM_* variables)
 
 pretrain: the tiny model for STEPS steps on a data × fsdp mesh over all devices of all processes;
-each process loads only its rows of every batch. grpo / dpo: STEPS alignment `Trainer` updates on a
-data × fsdp × tensor mesh, every process holding the same host batch (as rollouts gathered to every
-process are). Process 0 writes the losses and final params.
+each process loads only its rows of every batch. grpo / dpo (or both, comma-separated): STEPS
+alignment `Trainer` updates on a data × fsdp × tensor mesh, every process holding the same host
+batch (as rollouts gathered to every process are), keys prefixed "grpo:" / "dpo:". Process 0 writes
+the losses and final params.
 """
 
 import os
@@ -49,23 +50,27 @@ if mode != "pretrain":
         return sequence_batch(prompt, start, rng.integers(1, 64, (b, n)).astype(np.int32),
                               rng.integers(1, n + 1, b).astype(np.int32))
 
-    rng = np.random.default_rng(1)
-    if mode == "grpo":
-        estimator, kl = GRPO(group_size=4), KLRegularizer(0.1, "k3")
-        batch = dict(sequences(rng, 16), rewards=rng.normal(size=16).astype(np.float32))
-    else:
-        estimator, kl = DPO(), KLRegularizer(0.1, "k1")
-        a, b = sequences(rng, 16), sequences(rng, 16)
-        batch = {k: np.stack([a[k], b[k]], 1) for k in a}
-    mesh_cfg = MeshConfig(data=2, fsdp=2, tensor=2, param_sharding="fsdp", min_fsdp_size=1)
-    trainer = Trainer(KLObjective(Policy(config), kl, estimator), arlm.init_params(config, jax.random.PRNGKey(3)),
-                      optax.sgd(0.1, momentum=0.9), mesh=make_mesh(mesh_cfg), mesh_cfg=mesh_cfg, seed=0)
-    losses = [trainer.update(batch)["loss"] for _ in range(steps)]
-    params = distributed.gather(trainer.state.params)
+    results = {}
+    for method in mode.split(","):                 # e.g. "grpo,dpo": both in one launch
+        rng = np.random.default_rng(1)
+        if method == "grpo":
+            estimator, kl = GRPO(group_size=4), KLRegularizer(0.1, "k3")
+            batch = dict(sequences(rng, 16), rewards=rng.normal(size=16).astype(np.float32))
+        else:
+            estimator, kl = DPO(), KLRegularizer(0.1, "k1")
+            a, b = sequences(rng, 16), sequences(rng, 16)
+            batch = {k: np.stack([a[k], b[k]], 1) for k in a}
+        mesh_cfg = MeshConfig(data=2, fsdp=2, tensor=2, param_sharding="fsdp", min_fsdp_size=1)
+        trainer = Trainer(KLObjective(Policy(config), kl, estimator),
+                          arlm.init_params(config, jax.random.PRNGKey(3)), optax.sgd(0.1, momentum=0.9),
+                          mesh=make_mesh(mesh_cfg), mesh_cfg=mesh_cfg, seed=0)
+        losses = [trainer.update(batch)["loss"] for _ in range(steps)]
+        params = distributed.gather(trainer.state.params)
+        results[f"{method}:losses"] = np.asarray(losses)
+        results.update({f"{method}:{jax.tree_util.keystr(p)}": np.asarray(v)
+                        for p, v in jax.tree_util.tree_flatten_with_path(params)[0]})
     if jax.process_index() == 0:
-        flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-        np.savez(out_path, losses=np.asarray(losses), processes=jax.process_count(), devices=jax.device_count(),
-                 **flat)
+        np.savez(out_path, processes=jax.process_count(), devices=jax.device_count(), **results)
     sys.exit(0)
 
 mesh_cfg = MeshConfig(data=4, fsdp=2, param_sharding="fsdp", min_fsdp_size=1)

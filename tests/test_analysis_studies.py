@@ -82,3 +82,52 @@ def test_user_items_file_is_used(tiny_model, tmp_path):
     summary = run_study(cfg, model=tiny_model)
     assert list(summary["tasks"]) == [str(items)]
     assert all(t["prompt"].startswith("a") for t in summary["tasks"][str(items)]["examples"])
+
+
+@pytest.mark.slow
+def test_continual_study_writes_summary_and_frontier(tmp_path):
+    """The training study on a tiny budget: every arm of every seed, the per-arm intervals, the
+    equal-learning comparison, summary.json and the frontier plot."""
+    from arlm.jobs.phenomena import TRAINING_STUDIES
+
+    cfg = _config(study="continual", workdir=str(tmp_path))
+    cfg.continual.update(dict(seeds=(0, 1), d_model=16, n_heads=2, d_ff=32, seq_len=16, batch_size=4,
+                              steps_a=6, steps_b=3, corpus_chars=20_000, b_problems=500, val_windows=4,
+                              fisher_batches=1, lams_l2=(0.1,), lams_ewc=(10.0, 1e4), lams_representation=(1.0,),
+                              lora_ranks=(2,)))
+    assert "continual" in TRAINING_STUDIES
+    summary = run_study(cfg)
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert {"claim", "verdict", "arms", "at_equal_learning", "runs"} <= set(on_disk)
+    assert (tmp_path / "continual.png").stat().st_size > 10_000
+    names = [a["arm"] for a in on_disk["arms"]]
+    assert names == ["none λ=0", "l2 λ=0.1", "ewc λ=10", "ewc λ=10000", "representation λ=1", "lora r=2"]
+    for arm in on_disk["arms"]:
+        assert arm["forgetting"]["n"] == 2 and arm["forgetting"]["lo"] <= arm["forgetting"]["mean"] <= arm[
+            "forgetting"]["hi"]
+    for run in summary["runs"]:
+        by_name = {a["arm"]: a for a in run["arms"]}
+        # forgetting and learning are differences of the losses this run reports
+        for a in run["arms"]:
+            assert abs(a["forgetting"] - (a["loss_a"] - run["loss_a_anchor"])) < 1e-9
+            assert abs(a["learning"] - (run["loss_b_anchor"] - a["loss_b"])) < 1e-9
+        assert by_name["lora r=2"]["lora_rank"] == 2 and by_name["none λ=0"]["lam"] == 0
+    assert set(on_disk["at_equal_learning"]) == {"l2", "ewc", "representation", "lora"}
+
+
+@pytest.mark.slow
+def test_contractive_study_writes_summary_and_plot(tmp_path):
+    cfg = _config(study="contractive", workdir=str(tmp_path))
+    cfg.contractive.update(dict(seeds=(0, 1), gains=(1.0, 0.7), d_model=16, n_layers=2, n_heads=2, d_ff=32,
+                                seq_len=24, batch_size=4, steps=4, corpus_chars=20_000, val_windows=4,
+                                jacobian_windows=1, lags=(0, 8), inject_lags=(1, 4)))
+    summary = run_study(cfg)
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert {"claim", "verdict", "gains", "lags", "inject_lags"} <= set(on_disk)
+    assert (tmp_path / "contractive.png").stat().st_size > 10_000
+    assert [g["gain"] for g in on_disk["gains"]] == [1.0, 0.7]
+    for g in summary["gains"]:
+        assert len(g["top_sigma"]) == 2 and len(g["excess"]) == 2 and g["loss"]["n"] == 2
+        losses = [r["loss"] for r in g["runs"]]          # the interval is over these per-seed values
+        assert g["loss"]["mean"] == pytest.approx(sum(losses) / 2) and g["loss"]["lo"] <= min(losses)
+    assert "γ = 0.7" in on_disk["verdict"]

@@ -50,17 +50,18 @@ def _run_two_and_one(tmp_path, *args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["grpo", "dpo"])
-def test_two_processes_run_alignment_updates_like_one(tmp_path, method):
+def test_two_processes_run_alignment_updates_like_one(tmp_path):
     """The alignment `Trainer` (π_ref frozen and sharded, dp2 × fsdp2 × tp2) over 2 processes that each
-    hold the same host batch: the same losses and params as one process, to float32 rounding."""
-    a, b = _run_two_and_one(tmp_path, "2", method)
+    hold the same host batch, for GRPO and for DPO (one launch runs both): the same losses and params
+    as one process, to float32 rounding."""
+    a, b = _run_two_and_one(tmp_path, "2", "grpo,dpo")
     assert int(a["processes"]) == 1 and int(b["processes"]) == 2
-    np.testing.assert_allclose(b["losses"], a["losses"], rtol=1e-6, atol=1e-7)
-    keys = [k for k in a.files if k.startswith("[")]
-    assert keys and set(keys) == {k for k in b.files if k.startswith("[")}
-    for k in keys:
-        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
+    for method in ("grpo", "dpo"):
+        np.testing.assert_allclose(b[f"{method}:losses"], a[f"{method}:losses"], rtol=1e-6, atol=1e-7)
+        keys = [k for k in a.files if k.startswith(f"{method}:[")]
+        assert keys and set(keys) == {k for k in b.files if k.startswith(f"{method}:[")}
+        for k in keys:
+            np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
 
 
 @pytest.mark.slow
@@ -141,7 +142,7 @@ def test_two_process_pretraining_job_matches_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(tmp_path):
-    steps, log_every = 400, 5
+    steps, log_every = 150, 5
     procs = _start_job(tmp_path, steps, log_every, 2)
     t0 = time.time()
     while len(_records(tmp_path, "train")) < 3:                  # process 0 logs steps 1, 5, 10, …

@@ -152,7 +152,8 @@ def test_generation_on_a_mesh_matches_one_device_and_shards_the_cache(name):
     log-probs as one device; the KV cache [L, B, S, N, K] has rows over data × fsdp and heads over tensor."""
     from arlm.inference.cache import forward_with_cache, init_cache
     from arlm.inference.decoding import _constrain
-    from arlm.sharding import cache_spec, named, param_specs
+    from arlm.model.partitioning import param_specs
+    from arlm.sharding import cache_spec, named
 
     shape = MESHES[name]
     mesh_cfg = _mesh_cfg(shape)

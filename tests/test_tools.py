@@ -28,7 +28,7 @@ from _params import random_params  # noqa: E402
 import arlm  # noqa: E402
 from arlm import ModelConfig, Sampler  # noqa: E402
 from arlm.data.tokenizers import ByteTokenizer, train_bpe  # noqa: E402
-from arlm.inference.decoding import _generate, bucket_length, pad_prompts  # noqa: E402
+from arlm.inference.decoding import _prefill_jit, _step_jit, bucket_length, pad_prompts  # noqa: E402
 from arlm.inference.perplexity import window_spans  # noqa: E402
 from arlm.inference.simple import sample_tokens  # noqa: E402
 
@@ -254,8 +254,9 @@ def test_generate_cli_names_the_bad_line(tmp_path, line, match):
 # ---------------------------------------------------------------------------- chat: one compile per bucket
 
 def test_chat_compiles_once_per_prompt_length_bucket(monkeypatch, capsys):
-    """Six growing turns through experiments/chat.py's own loop: the decode loop compiles at most once
-    per power-of-two prompt length touched, fewer times than multiple-of-8 padding would (once per turn)."""
+    """Six growing turns through experiments/chat.py's own loop: the streamed prefill and decode step
+    compile at most once per power-of-two prompt length touched, fewer times than multiple-of-8
+    padding would (once per turn)."""
     config = ModelConfig.llama(vocab_size=257, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
                                max_seq_len=128)
     template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
@@ -272,9 +273,10 @@ def test_chat_compiles_once_per_prompt_length_bucket(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["chat.py", "--model", "tiny", "--max_new_tokens", "2",
                                       "--system", "You are a tiny test model, be brief."])
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(turns) + "\n"))
-    before = _generate._cache_size()
+    before = _prefill_jit._cache_size(), _step_jit._cache_size()
     _script("chat").main()
-    compiles = _generate._cache_size() - before
+    compiles = _prefill_jit._cache_size() - before[0]
+    assert _step_jit._cache_size() - before[1] == compiles      # one decode step per cache size
     pow2_buckets = {max(32, 2 ** math.ceil(math.log2(n))) for n in lengths}
     multiples_of_8 = {8 * math.ceil(n / 8) for n in lengths}
     assert capsys.readouterr().err.count("tokens/s]") == len(turns)

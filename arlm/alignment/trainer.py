@@ -19,9 +19,10 @@ from jax.sharding import Mesh
 from arlm.alignment.rollout import Rollout, sample_rollout
 from arlm.inference import Sampler
 from arlm.model.log_probs import policy_outputs
+from arlm.model.partitioning import param_specs
 from arlm.objectives.kl import exact_token_kl
 from arlm.objectives.kl_regularized import KLObjective
-from arlm.sharding import MeshConfig, batch_sharding, make_mesh, named, param_specs
+from arlm.sharding import MeshConfig, batch_sharding, make_mesh, named
 from arlm.train.loop import NonFiniteLossError
 from arlm.train.state import state_from_params
 from arlm.train.step import make_train_step

@@ -118,8 +118,57 @@ def cot_rag(s: dict[str, Any], ax_pair) -> None:
     ax2.set(ylim=(-0.02, 1.02), ylabel="accuracy", title=f"chain of thought on arithmetic, τ = {c['tau']}")
 
 
+def continual(s: dict[str, Any], ax_pair) -> None:
+    """Eq. 23: forgetting of corpus A against learning of corpus B, one frontier per Ω over λ."""
+    ax1, ax2 = ax_pair
+    markers = {"none": "*", "l2": "o", "ewc": "s", "representation": "^", "lora": "D"}
+    for family in ("none", "l2", "ewc", "representation", "lora"):
+        arms = [a for a in s["arms"] if a["family"] == family]
+        if not arms:
+            continue
+        x = [a["learning"]["mean"] for a in arms]
+        y = [a["forgetting"]["mean"] for a in arms]
+        xerr = [[a["learning"]["mean"] - a["learning"]["lo"] for a in arms],
+                [a["learning"]["hi"] - a["learning"]["mean"] for a in arms]]
+        yerr = [[a["forgetting"]["mean"] - a["forgetting"]["lo"] for a in arms],
+                [a["forgetting"]["hi"] - a["forgetting"]["mean"] for a in arms]]
+        ax1.errorbar(x, y, xerr=xerr, yerr=yerr, marker=markers[family], capsize=2,
+                     linestyle="-" if family not in ("none",) else "none", label=family, markersize=7)
+    ax1.set(xlabel="learning: fall of B's validation loss (nats/token)",
+            ylabel="forgetting: rise of A's validation loss (nats/token)",
+            title=f"continual learning (eq. 23), {s['seeds']} seeds, 95% CI; lower right is better")
+    ax1.legend(fontsize=8)
+    for family in ("l2", "ewc", "representation"):
+        arms = [a for a in s["arms"] if a["family"] == family]
+        if arms:
+            ax2.plot([a["lam"] for a in arms], [a["forgetting"]["mean"] for a in arms], marker=markers[family],
+                     label=family)
+    base = next(a for a in s["arms"] if a["family"] == "none")
+    ax2.axhline(base["forgetting"]["mean"], color="k", linestyle=":", label="λ = 0")
+    ax2.set(xscale="log", xlabel="λ", ylabel="forgetting (nats/token)", title="forgetting against λ per Ω")
+    ax2.legend(fontsize=8)
+
+
+def contractive(s: dict[str, Any], ax_pair) -> None:
+    """Open question 1: top σ of J_L(t, s) against the lag, and the excess loss after an injected error."""
+    ax1, ax2 = ax_pair
+    for g in s["gains"]:
+        label = f"γ = {g['gain']:g} (loss {g['loss']['mean']:.3f})"
+        _errbar(ax1, s["lags"], [x["mean"] for x in g["top_sigma"]], [[x["lo"], x["hi"]] for x in g["top_sigma"]],
+                label=label)
+        _errbar(ax2, s["inject_lags"], [x["mean"] for x in g["excess"]], [[x["lo"], x["hi"]] for x in g["excess"]],
+                label=f"γ = {g['gain']:g}")
+    ax1.set(xlabel="lag t − s", ylabel="top singular value of J_L(t, s)", yscale="log",
+            title=f"drift through the whole depth (eq. 19), {s['seeds']} seeds, 95% CI")
+    ax2.axhline(0, color="k", linewidth=0.5)
+    ax2.set(xscale="log", xlabel="bytes after the injected error",
+            ylabel="excess NLL (nats)", title="recovery from an injected error")
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+
+
 PLOTS = {"trace": trace, "temperature": temperature, "drift": drift, "sycophancy": sycophancy, "icl": icl,
-         "cot_rag": cot_rag}
+         "cot_rag": cot_rag, "continual": continual, "contractive": contractive}
 
 
 def save(study: str, summary: dict[str, Any], path: str) -> None:

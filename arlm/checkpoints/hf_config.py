@@ -322,6 +322,9 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> tuple[dict[
     """(config.json dict, family) for `cfg`; ValueError when that family cannot express `cfg` exactly."""
     if cfg.n_experts:
         raise ValueError("mixture-of-experts models have no Hugging Face equivalent in arlm's families")
+    if cfg.residual_gain != 1:
+        raise ValueError(f"residual_gain={cfg.residual_gain} (a contractive residual map) has no Hugging Face "
+                         "equivalent; only residual_gain=1 models can be saved")
     model_type = model_type or infer_family(cfg)
     if model_type not in FAMILIES:
         raise ValueError(f"unknown family {model_type!r}; arlm writes {', '.join(FAMILIES)}")

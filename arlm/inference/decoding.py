@@ -1,8 +1,8 @@
 """`arlm.generate`: prefill, then a jit-compiled `lax.while_loop` of decode steps over the KV cache.
 
 The loop carries a `DecodeState` (the cache, the next logits, the tokens so far, …). Streaming
-callbacks are looked up by a per-call id the compiled loop passes back to the host, so nested
-or concurrent `generate` calls each reach their own callback and one program serves them all.
+(`on_token=`) drives the same compiled step from Python, one step per iteration, so each call
+reaches only its own callback and nothing is shared between calls.
 
 Eqs. 16–18: each step samples x_{t+1} ~ softmax(z_t/τ) (with optional top-k,
 top-p, min-p truncation), appends its key/value to the cache (eq. 17), and
@@ -13,8 +13,6 @@ their head under the explicit "truncate" policy, with a warning.
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import threading
 import warnings
 from functools import partial
 from typing import Any, Callable, Sequence
@@ -129,22 +127,17 @@ def pad_prompts(config: ModelConfig, prompts: Sequence[Sequence[int]] | np.ndarr
     return out, start
 
 
-@partial(jax.jit, static_argnames=("config", "sampler", "max_new_tokens", "pad_id", "stream", "cache_sharding"))
-def _generate(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Array, key: Array,
-              stop_ids: Array, *, sampler: Sampler, max_new_tokens: int, pad_id: int, stream: bool,
-              cache_sharding: NamedSharding | None = None, stream_id: Array | int = 0):
-    if cache_sharding is not None:        # on a mesh, activations follow the rules too (`arlm.sharding`)
-        with jax.sharding.use_abstract_mesh(cache_sharding.mesh.abstract_mesh):
-            return _decode(config, params, prompt_BxP, start_B, key, stop_ids, sampler, max_new_tokens,
-                           pad_id, stream, cache_sharding, stream_id)
-    return _decode(config, params, prompt_BxP, start_B, key, stop_ids, sampler, max_new_tokens, pad_id, stream,
-                   None, stream_id)
+def _on_mesh(cache_sharding: NamedSharding | None, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), under the cache's mesh when there is one, so activations follow `arlm.sharding`."""
+    if cache_sharding is None:
+        return fn(*args)
+    with jax.sharding.use_abstract_mesh(cache_sharding.mesh.abstract_mesh):
+        return fn(*args)
 
 
-def _decode(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Array, key: Array, stop_ids: Array,
-            sampler: Sampler, max_new_tokens: int, pad_id: int, stream: bool,
-            cache_sharding: NamedSharding | None, stream_id: Array | int = 0):
-    """Prefill the cache with the prompts, then decode up to `max_new_tokens` in a `lax.while_loop`."""
+def _prefill(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Array, key: Array,
+             max_new_tokens: int, pad_id: int, cache_sharding: NamedSharding | None) -> DecodeState:
+    """Run the prompts through the model into a fresh cache: the state before the first decode step."""
     b, p = prompt_BxP.shape
     n = max_new_tokens
     cache = _constrain(init_cache(config, b, p + n, start_B), cache_sharding)
@@ -153,36 +146,77 @@ def _decode(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Array,
     is_pad_BxP = jnp.arange(p, dtype=jnp.int32)[None, :] < start_B[:, None]
     logits, cache = forward_with_cache(config, params, cache, jnp.where(is_pad_BxP, 0, prompt_BxP),
                                        last_logits_only=True)
-
-    def cond(s: DecodeState) -> Array:
-        return (s.step < n) & ~jnp.all(s.done_B)
-
-    def body(s: DecodeState) -> DecodeState:
-        key, sub = jax.random.split(s.key)
-        live_B = ~s.done_B
-        tok_B = jnp.where(s.done_B, pad_id, sampler(s.logits_BxV, sub))
-
-        def chosen(log_probs_BxV: Array) -> Array:
-            return jnp.where(live_B, jnp.take_along_axis(log_probs_BxV, tok_B[:, None], -1)[:, 0], 0.0)
-
-        if stream:
-            jax.debug.callback(_stream_callback, stream_id, s.step, tok_B, live_B, ordered=True)
-        logits, cache = forward_with_cache(config, params, s.cache, jnp.where(live_B, tok_B, 0)[:, None])
-        return DecodeState(
-            step=s.step + 1, cache=_constrain(cache, cache_sharding), logits_BxV=logits[:, 0], key=key,
-            tokens_BxN=s.tokens_BxN.at[:, s.step].set(tok_B),
-            done_B=s.done_B | jnp.any(tok_B[:, None] == stop_ids[None, :], axis=-1),
-            log_probs_BxN=s.log_probs_BxN.at[:, s.step].set(chosen(jax.nn.log_softmax(s.logits_BxV, -1))),
-            sample_log_probs_BxN=s.sample_log_probs_BxN.at[:, s.step].set(chosen(sampler.log_probs(s.logits_BxV))),
-            lengths_B=s.lengths_B + live_B.astype(jnp.int32))
-
-    init = DecodeState(
+    return DecodeState(
         step=jnp.zeros((), jnp.int32), cache=cache, logits_BxV=logits[:, 0], key=key,
         tokens_BxN=jnp.full((b, n), pad_id, jnp.int32), done_B=jnp.zeros((b,), bool),
         log_probs_BxN=jnp.zeros((b, n), jnp.float32), sample_log_probs_BxN=jnp.zeros((b, n), jnp.float32),
         lengths_B=jnp.zeros((b,), jnp.int32))
-    final = jax.lax.while_loop(cond, body, init)
-    return final.tokens_BxN, final.lengths_B, final.log_probs_BxN, final.sample_log_probs_BxN
+
+
+def _decode_step(config: ModelConfig, params: Any, s: DecodeState, stop_ids: Array, sampler: Sampler,
+                 pad_id: int, cache_sharding: NamedSharding | None) -> DecodeState:
+    """One step of eqs. 16–17: sample x_{t+1} for the live rows, append its key/value, stop at stop ids."""
+    key, sub = jax.random.split(s.key)
+    live_B = ~s.done_B
+    tok_B = jnp.where(s.done_B, pad_id, sampler(s.logits_BxV, sub))
+
+    def chosen(log_probs_BxV: Array) -> Array:
+        return jnp.where(live_B, jnp.take_along_axis(log_probs_BxV, tok_B[:, None], -1)[:, 0], 0.0)
+
+    logits, cache = forward_with_cache(config, params, s.cache, jnp.where(live_B, tok_B, 0)[:, None])
+    return DecodeState(
+        step=s.step + 1, cache=_constrain(cache, cache_sharding), logits_BxV=logits[:, 0], key=key,
+        tokens_BxN=s.tokens_BxN.at[:, s.step].set(tok_B),
+        done_B=s.done_B | jnp.any(tok_B[:, None] == stop_ids[None, :], axis=-1),
+        log_probs_BxN=s.log_probs_BxN.at[:, s.step].set(chosen(jax.nn.log_softmax(s.logits_BxV, -1))),
+        sample_log_probs_BxN=s.sample_log_probs_BxN.at[:, s.step].set(chosen(sampler.log_probs(s.logits_BxV))),
+        lengths_B=s.lengths_B + live_B.astype(jnp.int32))
+
+
+def _decode(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Array, key: Array, stop_ids: Array,
+            sampler: Sampler, max_new_tokens: int, pad_id: int, cache_sharding: NamedSharding | None) -> DecodeState:
+    """Prefill, then decode up to `max_new_tokens` in a `lax.while_loop` that ends when every row stopped."""
+    init = _prefill(config, params, prompt_BxP, start_B, key, max_new_tokens, pad_id, cache_sharding)
+    return jax.lax.while_loop(
+        lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done_B),
+        lambda s: _decode_step(config, params, s, stop_ids, sampler, pad_id, cache_sharding), init)
+
+
+@partial(jax.jit, static_argnames=("config", "sampler", "max_new_tokens", "pad_id", "cache_sharding"))
+def _generate(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Array, key: Array,
+              stop_ids: Array, *, sampler: Sampler, max_new_tokens: int, pad_id: int,
+              cache_sharding: NamedSharding | None = None) -> DecodeState:
+    return _on_mesh(cache_sharding, _decode, config, params, prompt_BxP, start_B, key, stop_ids, sampler,
+                    max_new_tokens, pad_id, cache_sharding)
+
+
+@partial(jax.jit, static_argnames=("config", "max_new_tokens", "pad_id", "cache_sharding"))
+def _prefill_jit(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Array, key: Array, *,
+                 max_new_tokens: int, pad_id: int, cache_sharding: NamedSharding | None = None) -> DecodeState:
+    return _on_mesh(cache_sharding, _prefill, config, params, prompt_BxP, start_B, key, max_new_tokens, pad_id,
+                    cache_sharding)
+
+
+@partial(jax.jit, static_argnames=("config", "sampler", "pad_id", "cache_sharding"), donate_argnames=("s",))
+def _step_jit(config: ModelConfig, params: Any, s: DecodeState, stop_ids: Array, *, sampler: Sampler, pad_id: int,
+              cache_sharding: NamedSharding | None = None) -> DecodeState:
+    return _on_mesh(cache_sharding, _decode_step, config, params, s, stop_ids, sampler, pad_id, cache_sharding)
+
+
+def _stream(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Array, key: Array, stop_ids: Array,
+            sampler: Sampler, max_new_tokens: int, pad_id: int, cache_sharding: NamedSharding | None,
+            on_token: Callable[[int, np.ndarray, np.ndarray], None]) -> DecodeState:
+    """The same prefill and decode steps as `_decode`, driven from Python so that `on_token` sees each
+    step as it is made: no callback from compiled code, no state shared between calls."""
+    s = _prefill_jit(config, params, prompt_BxP, start_B, key, max_new_tokens=max_new_tokens, pad_id=pad_id,
+                     cache_sharding=cache_sharding)
+    for i in range(max_new_tokens):
+        live_B = ~np.asarray(s.done_B)
+        if not live_B.any():
+            break
+        s = _step_jit(config, params, s, stop_ids, sampler=sampler, pad_id=pad_id, cache_sharding=cache_sharding)
+        on_token(i, np.asarray(s.tokens_BxN[:, i]), live_B)
+    return s
 
 
 def _constrain(cache, sharding: NamedSharding | None):
@@ -191,19 +225,6 @@ def _constrain(cache, sharding: NamedSharding | None):
         return cache
     return cache.replace(k=jax.lax.with_sharding_constraint(cache.k, sharding),
                          v=jax.lax.with_sharding_constraint(cache.v, sharding))
-
-
-_STREAMS: dict[int, Callable[[int, np.ndarray, np.ndarray], None]] = {}   # stream id → on_token
-_STREAM_IDS = itertools.count(1)
-_STREAMS_LOCK = threading.Lock()
-
-
-def _stream_callback(stream_id, i, tok, live) -> None:
-    """Host side of streaming: hand one decode step to the callback registered under `stream_id`."""
-    with _STREAMS_LOCK:
-        on_token = _STREAMS.get(int(stream_id))
-    if on_token is not None:
-        on_token(int(i), np.asarray(tok), np.asarray(live))
 
 
 def generate(
@@ -232,7 +253,8 @@ def generate(
       eos_id, stop_ids: a row stops after emitting any of these (the stop token is kept).
       overflow: "truncate" (drop the prompt's head to fit Δ, with a warning) or "error".
       on_token: streaming callback `on_token(step, tokens_B, live_B)` called after every decode
-        step from inside the compiled loop (`live_B` marks rows still generating).
+        step (`live_B` marks rows still generating). Streaming runs the same jit-compiled prefill
+        and decode step as the `lax.while_loop`, one step per Python iteration.
       mesh: generate SPMD over this device mesh: pass params placed by its rules (e.g. a
         `Trainer`'s); prompts are split over data × fsdp and the KV cache follows
         `arlm.sharding.cache_spec` (rows like the batch, heads like wk/wv).
@@ -248,29 +270,21 @@ def generate(
     prompt_BxP, start_B = pad_prompts(config, prompts, max_new_tokens, pad_id=pad_id, overflow=overflow,
                                       bucket=prompt_bucket)
     stops = sorted({*map(int, stop_ids), *([] if eos_id is None else [int(eos_id)])}) or [-1]
-    stream_id = 0
-    if on_token is not None:
-        with _STREAMS_LOCK:
-            stream_id = next(_STREAM_IDS)
-            _STREAMS[stream_id] = on_token
-    try:
-        prompt, start = jnp.asarray(prompt_BxP), jnp.asarray(start_B)
-        cache_sharding = None
-        if mesh is not None:
-            spec = cache_spec(mesh, prompt.shape[0], config.n_kv_heads)
-            cache_sharding = NamedSharding(mesh, spec)
-            rows = NamedSharding(mesh, P(spec[1]))
-            prompt, start = jax.device_put(prompt, rows), jax.device_put(start, rows)
-        tokens, lengths, logp, slogp = _generate(
-            config, params, prompt, start, key, jnp.asarray(stops, jnp.int32),
-            sampler=sampler, max_new_tokens=max_new_tokens, pad_id=pad_id, stream=on_token is not None,
-            cache_sharding=cache_sharding, stream_id=jnp.asarray(stream_id, jnp.int32))
-        if on_token is not None:
-            jax.effects_barrier()
-    finally:
-        if on_token is not None:
-            with _STREAMS_LOCK:
-                _STREAMS.pop(stream_id, None)
+    prompt, start = jnp.asarray(prompt_BxP), jnp.asarray(start_B)
+    cache_sharding = None
+    if mesh is not None:
+        spec = cache_spec(mesh, prompt.shape[0], config.n_kv_heads)
+        cache_sharding = NamedSharding(mesh, spec)
+        rows = NamedSharding(mesh, P(spec[1]))
+        prompt, start = jax.device_put(prompt, rows), jax.device_put(start, rows)
+    stops_S = jnp.asarray(stops, jnp.int32)
+    if on_token is None:
+        final = _generate(config, params, prompt, start, key, stops_S, sampler=sampler,
+                          max_new_tokens=max_new_tokens, pad_id=pad_id, cache_sharding=cache_sharding)
+    else:
+        final = _stream(config, params, prompt, start, key, stops_S, sampler, max_new_tokens, pad_id,
+                        cache_sharding, on_token)
+    tokens, lengths, logp, slogp = final.tokens_BxN, final.lengths_B, final.log_probs_BxN, final.sample_log_probs_BxN
     completion_mask_BxN = jnp.arange(max_new_tokens)[None, :] < lengths[:, None]
     return GenerateOutput(tokens, lengths, logp, slogp, jnp.asarray(prompt_BxP.shape[1] - start_B),
                           jnp.asarray(prompt_BxP), completion_mask_BxN)

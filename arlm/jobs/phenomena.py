@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from arlm.alignment.verifiers import ContainsAnswer
+from arlm.analysis import continual as continual_lab
+from arlm.analysis import contractive as contractive_lab
 from arlm.analysis import cot, drift, hallucination, icl, items as item_sets, plots, retrieval, sycophancy
 from arlm.analysis.rates import Rate
 from arlm.analysis.textgen import progress_bar
@@ -212,6 +214,60 @@ STUDIES: dict[str, Study] = {"trace": trace, "temperature": temperature, "drift"
                              "sycophancy": sycophancy_study, "icl": icl_study, "cot_rag": cot_rag}
 
 
+def continual_study(cfg: Any, key: jax.Array) -> dict[str, Any]:
+    """Eq. 23 (open question 2): forgetting against learning for Ω ∈ {none, L2, EWC, representation}
+    over λ, and LoRA-only training (eq. 24), on seeds `cfg.continual.seeds`."""
+    del key                      # each seed draws its own init and batches
+    c = cfg.continual
+    arms = continual_lab.arms_of(c)
+    bar = progress_bar(len(c.seeds) * (1 + len(arms)), "continual: pretrain on A, then each arm on B")
+    runs = [continual_lab.run_seed(c, int(seed), arms, progress=lambda: bar.update(1)) for seed in c.seeds]
+    bar.close()
+    out = continual_lab.summarize(runs, c.tolerance)
+    ewc = out["at_equal_learning"]["ewc"]
+    n_less = sum(w["forgets_less"] for w in ewc)
+    best = {fam: np.mean([w["forgetting"] for w in wins if w.get("arm")]) if any(w.get("arm") for w in wins)
+            else float("nan") for fam, wins in out["at_equal_learning"].items()}
+    base = np.mean([w["baseline_forgetting"] for w in ewc if w.get("arm")] or [float("nan")])
+    out.update(
+        claim="a penalty Ω(θ, θ^(k)) on the new corpus's loss limits forgetting of the earlier one (eq. 23); "
+              "open question 2: which Ω forgets least?",
+        verdict=(f"at equal learning (within {c.tolerance} nats of λ = 0's), EWC forgets less than λ = 0 on "
+                 f"{n_less} of {len(ewc)} seeds; mean forgetting λ = 0 {base:.3f}, "
+                 + ", ".join(f"{fam} {v:.3f}" if np.isfinite(v) else f"{fam}: never within the tolerance"
+                             for fam, v in best.items()) + " nats/token (best λ per seed)"),
+        seeds=len(c.seeds), runs=runs)
+    return out
+
+
+def contractive_study(cfg: Any, key: jax.Array) -> dict[str, Any]:
+    """Open question 1: a contractive residual map (γ < 1) against eq. 5's (γ = 1): loss, the top
+    singular value of J_L(t, s) against the lag, and the excess loss after an injected error."""
+    del key
+    c = cfg.contractive
+    bar = progress_bar(len(c.seeds) * len(c.gains), "contractive: train each γ and measure it")
+    out = contractive_lab.run(c, progress=lambda: bar.update(1))
+    bar.close()
+    std = next(g for g in out["gains"] if g["gain"] == 1.0)
+    parts = []
+    for g in out["gains"]:
+        if g["gain"] == 1.0:
+            continue
+        ratio = g["top_sigma"][-1]["mean"] / std["top_sigma"][-1]["mean"]
+        parts.append(f"γ = {g['gain']:g}: loss {g['loss']['mean']:.3f} vs {std['loss']['mean']:.3f} nats/byte, "
+                     f"top σ at lag {out['lags'][-1]} ×{ratio:.2f}, excess loss {out['inject_lags'][-1]} bytes "
+                     f"after an injected error {g['excess'][-1]['mean']:.3f} vs {std['excess'][-1]['mean']:.3f}")
+    out.update(claim="open question 1: a residual map with contractive dynamics could damp the propagation of "
+                     "deviations (drift, eq. 19) that the identity path carries unchanged",
+               verdict="; ".join(parts), seeds=len(c.seeds))
+    return out
+
+
+# Studies that train their own small models instead of reading a loaded one.
+TRAINING_STUDIES: dict[str, Callable[[Any, jax.Array], dict[str, Any]]] = {"continual": continual_study,
+                                                                           "contractive": contractive_study}
+
+
 def run_study(cfg: Any, model: LoadedModel | None = None) -> dict[str, Any]:
     """Run `cfg.study` (loading `cfg.model` unless a model is given), write summary.json and <study>.png
     into cfg.workdir (default runs/phenomena/<study>/), and return the summary.
@@ -219,8 +275,8 @@ def run_study(cfg: Any, model: LoadedModel | None = None) -> dict[str, Any]:
     cfg: the ConfigDict of `experiments/configs/phenomena.py`; with cfg.size == "large" its LARGE
     overrides (cfg.large) replace the CPU defaults.
     """
-    if cfg.study not in STUDIES:
-        raise ValueError(f"unknown study {cfg.study!r}; choose one of {sorted(STUDIES)}")
+    if cfg.study not in STUDIES and cfg.study not in TRAINING_STUDIES:
+        raise ValueError(f"unknown study {cfg.study!r}; choose one of {sorted(STUDIES) + sorted(TRAINING_STUDIES)}")
     if cfg.size not in ("small", "large"):
         raise ValueError(f"size must be 'small' or 'large', got {cfg.size!r}")
     if cfg.size == "large":
@@ -230,9 +286,14 @@ def run_study(cfg: Any, model: LoadedModel | None = None) -> dict[str, Any]:
     workdir = cfg.workdir or os.path.join("runs", "phenomena", cfg.study)
     os.makedirs(workdir, exist_ok=True)
     t0 = time.perf_counter()
-    model = model if model is not None else load(cfg.model)
-    summary = STUDIES[cfg.study](model, cfg, jax.random.PRNGKey(cfg.seed))
-    summary.update(study=cfg.study, model=cfg.model, size=cfg.size, seconds=round(time.perf_counter() - t0, 1))
+    if cfg.study in TRAINING_STUDIES:
+        summary = TRAINING_STUDIES[cfg.study](cfg, jax.random.PRNGKey(cfg.seed))
+        summary.update(study=cfg.study, model="trained from scratch", size=cfg.size,
+                       seconds=round(time.perf_counter() - t0, 1))
+    else:
+        model = model if model is not None else load(cfg.model)
+        summary = STUDIES[cfg.study](model, cfg, jax.random.PRNGKey(cfg.seed))
+        summary.update(study=cfg.study, model=cfg.model, size=cfg.size, seconds=round(time.perf_counter() - t0, 1))
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1, default=float)
     plots.save(cfg.study, summary, os.path.join(workdir, f"{cfg.study}.png"))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from arlm.config import ModelConfig
-from arlm.model.layers import Norm, apply_rope, normal_init, rope_angles, trailing
+from arlm.model.layers import Norm, apply_rope, normal_init, rope_angles, trailing, weight
 from arlm.sharding import constrain
 
 Array = jax.Array
@@ -80,14 +80,16 @@ class Attention(nn.Module):
 
     config: ModelConfig
 
-    def _proj(self, name: str, x: Array, heads: int, std: float) -> Array:
+    def _proj(self, name: str, x: Array, head_axis: str, std: float) -> Array:
+        """x @ W for W [D, heads, K]; `head_axis` is "heads" (queries) or "kv_heads" (keys, values)."""
         cfg = self.config
-        w = self.param(name, normal_init(std), (cfg.d_model, heads, cfg.head_dim))
+        heads = cfg.n_heads if head_axis == "heads" else cfg.n_kv_heads
+        w = weight(self, name, normal_init(std), (cfg.d_model, heads, cfg.head_dim), ("embed", head_axis, None))
         y = jnp.einsum("btd,dhk->bthk", x, w.astype(cfg.compute_dtype))
         if cfg.use_bias or cfg.qkv_bias:
-            bias = self.param(name + "_bias", nn.initializers.zeros, (heads, cfg.head_dim))
+            bias = weight(self, name + "_bias", nn.initializers.zeros, (heads, cfg.head_dim), (head_axis, None))
             y = y + trailing(bias.astype(cfg.compute_dtype), y.ndim)
-        return constrain(y, "batch", None, "heads" if heads == cfg.n_heads else "kv_heads", None)
+        return constrain(y, "batch", None, head_axis, None)
 
     @nn.compact
     def __call__(self, h_BxTxD: Array, positions_BxT: Array, mask_BxTxS: Array,
@@ -103,9 +105,9 @@ class Attention(nn.Module):
         """
         cfg = self.config
         x = h_BxTxD.astype(cfg.compute_dtype)
-        q = self._proj("wq", x, cfg.n_heads, cfg.init_std)      # q_t = M h_t
-        k = self._proj("wk", x, cfg.n_kv_heads, cfg.init_std)   # k_s = N h_s
-        v = self._proj("wv", x, cfg.n_kv_heads, cfg.init_std)   # v_s = V h_s
+        q = self._proj("wq", x, "heads", cfg.init_std)      # q_t = M h_t
+        k = self._proj("wk", x, "kv_heads", cfg.init_std)   # k_s = N h_s
+        v = self._proj("wv", x, "kv_heads", cfg.init_std)   # v_s = V h_s
         if cfg.qk_norm:                                          # per-head RMSNorm (Qwen3, Gemma 3)
             q = Norm(cfg, features=cfg.head_dim, name="q_norm")(q)
             k = Norm(cfg, features=cfg.head_dim, name="k_norm")(k)
@@ -126,9 +128,10 @@ class Attention(nn.Module):
         probs_BxHxTxS = causal_softmax(scores, mask_BxTxS)
         z_BxTxHxK = aggregate(probs_BxHxTxS, v)
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        wo = self.param("wo", normal_init(out_std), (cfg.n_heads, cfg.head_dim, cfg.d_model))
+        wo = weight(self, "wo", normal_init(out_std), (cfg.n_heads, cfg.head_dim, cfg.d_model),
+                    ("heads", None, "embed"))
         out = jnp.einsum("bthk,hkd->btd", z_BxTxHxK, wo.astype(cfg.compute_dtype))
         if cfg.use_bias:
-            wo_bias = self.param("wo_bias", nn.initializers.zeros, (cfg.d_model,))
+            wo_bias = weight(self, "wo_bias", nn.initializers.zeros, (cfg.d_model,), (None,))
             out = out + trailing(wo_bias.astype(cfg.compute_dtype), out.ndim)
         return out, probs_BxHxTxS, kv_cache

@@ -24,6 +24,20 @@ def normal_init(std: float) -> Callable:
     return nn.initializers.normal(stddev=std)
 
 
+def weight(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...],
+           axes: tuple[str | None, ...]) -> Array:
+    """Create parameter `name` of `module` with its logical axes declared beside it.
+
+    `axes` names each dimension by its role ("embed", "heads", "kv_heads", "mlp", "vocab",
+    "expert", or None for a dimension no rule splits); the layer scan prepends "layers".
+    `arlm.model.partitioning` reads these declarations: weight sharding, the LoRA targets and
+    the weight-decay mask all derive from them.
+    """
+    if len(axes) != len(shape):
+        raise ValueError(f"parameter {name} of shape {shape} declared with {len(axes)} axes {axes}")
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape)
+
+
 def trailing(v: Array, ndim: int) -> Array:
     """Reshape a per-feature vector/table to broadcast against the trailing axes of an ndim array."""
     return v.reshape((1,) * (ndim - v.ndim) + v.shape)
@@ -44,9 +58,9 @@ class Norm(nn.Module):
         cfg = self.config
         width = self.features or cfg.d_model
         x = x_BxTxD.astype(jnp.float32)
-        scale_D = self.param("scale", nn.initializers.ones, (width,))
+        scale_D = weight(self, "scale", nn.initializers.ones, (width,), (None,))
         if cfg.norm == "layernorm":
-            bias_D = self.param("bias", nn.initializers.zeros, (width,))
+            bias_D = weight(self, "bias", nn.initializers.zeros, (width,), (None,))
             mean = x.mean(-1, keepdims=True)
             var = jnp.square(x - mean).mean(-1, keepdims=True)
             y = (x - mean) * jax.lax.rsqrt(var + cfg.norm_eps) * trailing(scale_D, x.ndim) + trailing(bias_D, x.ndim)
@@ -95,12 +109,14 @@ def apply_rope(x_BxTxHxK: Array, cos_BxTxK: Array, sin_BxTxK: Array) -> Array:
     return (x * cos + rotated * sin).astype(x_BxTxHxK.dtype)
 
 
-def _dense(module: nn.Module, name: str, x: Array, shape: tuple[int, int], std: float,
-           bias: bool, dtype) -> Array:
-    w = module.param(name, normal_init(std), shape)
+def _dense(module: nn.Module, name: str, x: Array, shape: tuple[int, int], axes: tuple[str, str],
+           std: float, bias: bool, dtype) -> Array:
+    w = weight(module, name, normal_init(std), shape, axes)
     y = x @ w.astype(dtype)
     if bias:
-        y = y + trailing(module.param(name + "_bias", nn.initializers.zeros, (shape[1],)).astype(dtype), y.ndim)
+        out_axis = axes[1] if axes[1] != "embed" else None    # a D-wide bias is never split
+        b = weight(module, name + "_bias", nn.initializers.zeros, (shape[1],), (out_axis,))
+        y = y + trailing(b.astype(dtype), y.ndim)
     return y
 
 
@@ -117,15 +133,18 @@ class Mlp(nn.Module):
         d, f = cfg.d_model, cfg.d_ff
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         if cfg.mlp == "gelu":
-            hidden_BxTxF = jax.nn.gelu(_dense(self, "w_in", x, (d, f), cfg.init_std, cfg.use_bias, dt),
-                                       approximate=True)
+            pre_BxTxF = _dense(self, "w_in", x, (d, f), ("embed", "mlp"), cfg.init_std, cfg.use_bias, dt)
+            hidden_BxTxF = jax.nn.gelu(pre_BxTxF, approximate=True)
         else:
-            gate = _dense(self, "w_gate", x, (d, f), cfg.init_std, cfg.use_bias, dt)
-            up = _dense(self, "w_up", x, (d, f), cfg.init_std, cfg.use_bias, dt)
+            gate = _dense(self, "w_gate", x, (d, f), ("embed", "mlp"), cfg.init_std, cfg.use_bias, dt)
+            up = _dense(self, "w_up", x, (d, f), ("embed", "mlp"), cfg.init_std, cfg.use_bias, dt)
             act = jax.nn.silu if cfg.mlp == "swiglu" else partial(jax.nn.gelu, approximate=True)
             hidden_BxTxF = act(gate) * up
         hidden_BxTxF = constrain(hidden_BxTxF, "batch", None, "mlp")
-        return _dense(self, "w_out", hidden_BxTxF, (f, d), out_std, cfg.use_bias, dt)
+        return _dense(self, "w_out", hidden_BxTxF, (f, d), ("mlp", "embed"), out_std, cfg.use_bias, dt)
+
+
+EXPERT_IN = ("expert", "embed", "mlp")
 
 
 class MoE(nn.Module):
@@ -149,7 +168,7 @@ class MoE(nn.Module):
         dt = cfg.compute_dtype
         e, k, d, f = cfg.n_experts, cfg.moe_top_k, cfg.d_model, cfg.d_ff
         x = x_BxTxD.astype(dt)
-        router_DxE = self.param("router", normal_init(cfg.init_std), (d, e))
+        router_DxE = weight(self, "router", normal_init(cfg.init_std), (d, e), ("embed", None))
         router_logits = x.astype(jnp.float32) @ router_DxE.astype(jnp.float32)  # [B, T, E], float32
         top_logits_BxTxK, top_idx_BxTxK = jax.lax.top_k(router_logits, k)
         top_gates = jax.nn.softmax(top_logits_BxTxK, axis=-1)
@@ -159,15 +178,15 @@ class MoE(nn.Module):
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         init = normal_init(cfg.init_std)
         if cfg.mlp == "gelu":
-            w_in = self.param("w_in", init, (e, d, f)).astype(dt)
+            w_in = weight(self, "w_in", init, (e, d, f), EXPERT_IN).astype(dt)
             hidden_BxTxExF = jax.nn.gelu(jnp.einsum("btd,edf->btef", x, w_in), approximate=True)
         else:
-            w_gate = self.param("w_gate", init, (e, d, f)).astype(dt)
-            w_up = self.param("w_up", init, (e, d, f)).astype(dt)
+            w_gate = weight(self, "w_gate", init, (e, d, f), EXPERT_IN).astype(dt)
+            w_up = weight(self, "w_up", init, (e, d, f), EXPERT_IN).astype(dt)
             act = jax.nn.silu if cfg.mlp == "swiglu" else partial(jax.nn.gelu, approximate=True)
             hidden_BxTxExF = (act(jnp.einsum("btd,edf->btef", x, w_gate))
                               * jnp.einsum("btd,edf->btef", x, w_up))
-        w_out = self.param("w_out", normal_init(out_std), (e, f, d)).astype(dt)
+        w_out = weight(self, "w_out", normal_init(out_std), (e, f, d), ("expert", "mlp", "embed")).astype(dt)
         expert_out_BxTxExD = jnp.einsum("btef,efd->bted", hidden_BxTxExF, w_out)
         y_BxTxD = jnp.einsum("bte,bted->btd", gates_BxTxE.astype(dt), expert_out_BxTxExD)
 

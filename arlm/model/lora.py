@@ -6,12 +6,12 @@ A pure pytree transform over arlm's params: `init_lora` builds the adapter pytre
 `loss_fn(params, batch)` becomes a loss of the adapters alone,
 `lambda lora, batch: loss_fn(merge_lora(cfg, base, lora), batch)`, for the generic train step.
 
-arlm computes x @ W, so a weight is laid out [*batch, *in, *out]: batch axes are the stacked
-layer axis L (everything under params["layers"]) and the expert axis E (under "moe"); the input
-is (H, K) for "wo" and the single next axis for every other weight. Its adapter is
-{"a": [*batch, d_in, r], "b": [*batch, r, d_out]} with d_in = Π in, d_out = Π out (a = Aᵀ, b = Bᵀ),
-and the update is (α/r) · (a @ b) reshaped to W's shape. a ~ N(0, 1/d_in) and b = 0, so the
-merged model equals the base model exactly at init.
+arlm computes x @ W, so a weight is laid out [*stacked, *in, *out]. Which weights are
+projections, which axes are stacked (layers, experts) and which are input or output is read
+from the logical axes each module declared (`arlm.model.partitioning.projection_dims`), not
+from weight names. Its adapter is {"a": [*stacked, d_in, r], "b": [*stacked, r, d_out]}
+(a = Aᵀ, b = Bᵀ), and the update is (α/r) · (a @ b) reshaped to W's shape. a ~ N(0, 1/d_in)
+and b = 0, so the merged model equals the base model exactly at init.
 """
 
 from __future__ import annotations
@@ -23,32 +23,36 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from arlm.model.partitioning import declared_axes, is_projection, leaf_axes, projection_dims
+
 Array = jax.Array
 Params = Any
 Path = tuple[str, ...]
 
-# The projection matrices of every arlm family; a target from this list that a model lacks
-# (e.g. GPT-2's "w_in" in a Llama model) is skipped, so one config serves all families.
-DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_out", "w_in")
-
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """rank r, alpha α (the update is scaled by α/r) and the weight names to adapt."""
+    """rank r, alpha α (the update is scaled by α/r) and the weights to adapt.
+
+    targets: None (every attention and MLP projection, and every expert's) or a tuple of weight
+      names such as ("wq", "wv"). A projection name that this model lacks but another family has
+      (GPT-2's "w_in" in a Llama model) is skipped, so one config serves all families.
+    """
 
     rank: int = 8
     alpha: float = 16.0
-    targets: tuple[str, ...] = DEFAULT_TARGETS
+    targets: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
             raise ValueError(f"LoraConfig.targets must be a tuple of names, got the string {self.targets!r}")
-        object.__setattr__(self, "targets", tuple(self.targets))   # hashable: static under jit
+        if self.targets is not None:
+            object.__setattr__(self, "targets", tuple(self.targets))   # hashable: static under jit
         if self.rank < 1:
             raise ValueError(f"LoraConfig.rank must be ≥ 1, got {self.rank}")
         if not self.alpha > 0:
             raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha}")
-        if not self.targets:
+        if self.targets is not None and not self.targets:
             raise ValueError("LoraConfig.targets is empty: name at least one weight to adapt")
 
     @property
@@ -57,19 +61,28 @@ class LoraConfig:
 
 
 def _dims(path: Path, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
-    """(batch shape, d_in, d_out) of a weight [*batch, *in, *out]."""
-    n_batch = int(path[0] == "layers") + int("moe" in path[:-1])
-    n_in = 2 if path[-1] == "wo" else 1
-    if path[-1] == "scale" or path[-1].endswith("bias") or len(shape) <= n_batch + n_in:
-        raise ValueError(f"LoRA adapts weight matrices only; {'/'.join(path)} {shape} is not one")
-    return shape[:n_batch], math.prod(shape[n_batch:n_batch + n_in]), math.prod(shape[n_batch + n_in:])
+    """(stacked shape, d_in, d_out) of the weight at `path`, from its declared axes."""
+    axes = leaf_axes(path, len(shape))
+    if not is_projection(axes):
+        raise ValueError(f"LoRA adapts weight matrices only (projections to and from the residual stream); "
+                         f"{'/'.join(path)} {shape} with axes {axes} is not one")
+    return projection_dims(axes, shape)
+
+
+def _projection_names() -> set[str]:
+    return {path[-1] for path, axes in declared_axes().items() if is_projection(axes)}
 
 
 def _targets(cfg: LoraConfig, params: Params) -> list[tuple[Path, Array]]:
-    """(path, weight) of every leaf of params whose name is a target, in tree order."""
+    """(path, weight) of every leaf of params that cfg adapts, in tree order."""
     leaves = [(tuple(k.key for k in p), w) for p, w in jax.tree_util.tree_leaves_with_path(params)]
+    if cfg.targets is None:
+        found = [(p, w) for p, w in leaves if is_projection(leaf_axes(p, w.ndim))]
+        if not found:
+            raise ValueError("LoRA found no projection matrix in params; are these arlm model params?")
+        return found
     found = [(p, w) for p, w in leaves if p[-1] in cfg.targets]
-    unknown = sorted(set(cfg.targets) - {p[-1] for p, _ in found} - set(DEFAULT_TARGETS))
+    unknown = sorted(set(cfg.targets) - {p[-1] for p, _ in found} - _projection_names())
     if unknown or not found:
         raise ValueError(f"LoRA targets {unknown or list(cfg.targets)} match no parameter; "
                          f"the weights are named {sorted({p[-1] for p, _ in leaves})}")
@@ -125,9 +138,10 @@ def merge_lora(cfg: LoraConfig, params: Params, lora_params: dict) -> Params:
 
     def merge(path: Any, w: Array) -> Array:
         name = tuple(k.key for k in path)
-        if name[-1] not in cfg.targets:
+        try:
+            delta = _get(deltas, name)
+        except (KeyError, TypeError):
             return w
-        delta = _get(deltas, name)
         return (w.astype(delta.dtype) + delta).astype(w.dtype)
 
     return jax.tree_util.tree_map_with_path(merge, params)

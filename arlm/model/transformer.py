@@ -22,15 +22,19 @@ import numpy as np
 
 from arlm.config import ModelConfig
 from arlm.model.attention import Attention, causal_mask, window_mask
-from arlm.model.layers import MoE, Mlp, Norm, normal_init
+from arlm.model.layers import MoE, Mlp, Norm, normal_init, weight
 from arlm.sharding import constrain
 
 Array = jax.Array
 Params = Any
+LAYER_AXIS = "layers"     # the logical name of the stacked layer axis of params["layers"]
 
 
 class Block(nn.Module):
     """Eq. 5, pre-norm layer map: h ← h + Attn(Norm(h)); h ← h + FFN(Norm(h)).
+
+    With `residual_gain` γ < 1 the map is contractive along the identity path:
+    h ← γ h + Attn(Norm(h)); h ← γ h + FFN(Norm(h)).
 
     With `sandwich_norm` (Gemma) each sub-layer's output is normalised once more before it is
     added: h ← h + Norm(Attn(Norm(h))). A layer with a sliding window (not global) attends
@@ -56,7 +60,8 @@ class Block(nn.Module):
             Norm(cfg, name="attn_norm")(h_BxTxD), positions_BxT, mask_BxTxS, kv_cache, cache_index, is_global)
         if cfg.sandwich_norm:
             attn_out = Norm(cfg, name="attn_post_norm")(attn_out)
-        h_BxTxD = h_BxTxD + attn_out.astype(jnp.float32)
+        gain = jnp.float32(cfg.residual_gain)      # γ = 1: eq. 5; γ < 1: a contractive identity path
+        h_BxTxD = (h_BxTxD if cfg.residual_gain == 1 else gain * h_BxTxD) + attn_out.astype(jnp.float32)
         x = Norm(cfg, name="mlp_norm")(h_BxTxD)
         if cfg.n_experts:
             ffn_out, layer_aux = MoE(cfg, name="moe")(x)
@@ -65,7 +70,8 @@ class Block(nn.Module):
             ffn_out = Mlp(cfg, name="mlp")(x)
         if cfg.sandwich_norm:
             ffn_out = Norm(cfg, name="mlp_post_norm")(ffn_out)
-        h_BxTxD = constrain(h_BxTxD + ffn_out.astype(jnp.float32), "batch", None, None)
+        h_BxTxD = (h_BxTxD if cfg.residual_gain == 1 else gain * h_BxTxD) + ffn_out.astype(jnp.float32)
+        h_BxTxD = constrain(h_BxTxD, "batch", None, None)
         sublayers = (attn_out.astype(jnp.float32), ffn_out.astype(jnp.float32)) if self.return_sublayers else None
         per_layer = (h_BxTxD, probs_BxHxTxS if self.return_attention else None, kv_cache, sublayers)
         return (h_BxTxD, aux), per_layer
@@ -79,13 +85,17 @@ class Transformer(nn.Module):
 
     def setup(self) -> None:
         cfg = self.config
-        self.embed = self.param("embed", normal_init(cfg.init_std), (cfg.vocab_size, cfg.d_model))
+        self.embed = weight(self, "embed", normal_init(cfg.init_std), (cfg.vocab_size, cfg.d_model),
+                            ("vocab", "embed"))
         if cfg.pos_embedding == "learned":
-            self.pos_embed = self.param("pos_embed", normal_init(cfg.init_std / 2), (cfg.max_seq_len, cfg.d_model))
+            self.pos_embed = weight(self, "pos_embed", normal_init(cfg.init_std / 2), (cfg.max_seq_len, cfg.d_model),
+                                    (None, "embed"))
         if not cfg.tie_embeddings:
-            self.unembed = self.param("unembed", normal_init(cfg.init_std), (cfg.d_model, cfg.vocab_size))
+            self.unembed = weight(self, "unembed", normal_init(cfg.init_std), (cfg.d_model, cfg.vocab_size),
+                                  ("embed", "vocab"))
         scanned = nn.scan(
             Block, variable_axes={"params": 0}, split_rngs={"params": True},
+            metadata_params={nn.PARTITION_NAME: LAYER_AXIS},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0), length=cfg.n_layers)
         self.layers = scanned(cfg, self.return_attention, self.return_sublayers)
         self.final_norm = Norm(cfg)
@@ -140,7 +150,8 @@ class ModelOutput:
     moe_aux_loss: the summed load-balancing loss over layers (0 for dense models).
     attention_out / mlp_out: [L, B, T, D], what each layer's attention (W_O z_t, eq. 4) and
       feed-forward block add to the residual stream (eq. 5), float32; None unless requested.
-      h^(ℓ) = h^(ℓ-1) + attention_out[ℓ-1] + mlp_out[ℓ-1].
+      h^(ℓ) = h^(ℓ-1) + attention_out[ℓ-1] + mlp_out[ℓ-1] (with residual_gain γ:
+      γ² h^(ℓ-1) + γ attention_out[ℓ-1] + mlp_out[ℓ-1]).
     """
 
     logits_BxTxV: Array
@@ -161,7 +172,22 @@ def init_params(config: ModelConfig, key: Array) -> Params:
     """A fresh float32 parameter pytree for `config` (a plain nested dict)."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     variables = Transformer(config).init(key, tokens, method=_embed_and_run)
+    return unbox(variables["params"])
+
+
+def declared_params(config: ModelConfig) -> Params:
+    """The abstract parameter tree of `config`, every leaf an `nn.LogicallyPartitioned` holding a
+    ShapeDtypeStruct and the logical axes its module declared (`layers.weight`). Allocates nothing."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    variables = jax.eval_shape(lambda k: Transformer(config).init(k, tokens, method=_embed_and_run),
+                               jax.random.PRNGKey(0))
     return variables["params"]
+
+
+def unbox(tree: Any) -> Any:
+    """Plain arrays from a tree of flax metadata boxes (no sharding constraint applied)."""
+    return jax.tree_util.tree_map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+                                  tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def _embed_and_run(module: Transformer, tokens_BxT: Array):

@@ -1,12 +1,16 @@
-"""The optimizer: AdamW with linear warmup then cosine decay, and global-norm clipping."""
+"""The optimizer: AdamW with linear warmup then cosine decay, and global-norm clipping.
+
+Weight decay applies where `arlm.model.partitioning.decay_mask` says: the weights whose declared
+logical axes touch the residual stream (embeddings, projections, experts), not norms or biases.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
-import jax
 import optax
+
+from arlm.model.partitioning import decay_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,15 +54,5 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
         optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                    weight_decay=cfg.weight_decay, mask=_matrix_mask),
+                    weight_decay=cfg.weight_decay, mask=decay_mask),
     )
-
-
-def _matrix_mask(params: Any) -> Any:
-    # Stacked per-layer vectors (norm scales, biases) are [L, D] or [L, H, K]: test the path too.
-    def is_matrix(path, x) -> bool:
-        names = [str(getattr(k, "key", k)) for k in path]
-        stacked = "layers" in names
-        vector_like = x.ndim - (1 if stacked else 0) < 2
-        return not vector_like and not any("norm" in n or n.endswith("bias") for n in names)
-    return jax.tree_util.tree_map_with_path(is_matrix, params)

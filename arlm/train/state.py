@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from arlm.sharding import MeshConfig, named, param_specs
+from arlm.model.partitioning import param_specs
+from arlm.sharding import MeshConfig, named
 
 
 @flax.struct.dataclass
