@@ -15,6 +15,7 @@ compares an arm with λ = 0 only where its learning is within `tolerance` nats o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Iterator
 
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import scipy.stats
 
 from arlm.config import ModelConfig
 from arlm.data.corpus import load_corpus
@@ -76,18 +78,20 @@ def split(tokens: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np
     return tokens[:cut], tokens[cut:]
 
 
-def windows(tokens: np.ndarray, batch: int, seq_len: int, rng: np.random.Generator) -> Batch:
-    """`batch` random windows of seq_len + 1 tokens: {"inputs", "targets"} int32 [batch, seq_len]."""
-    starts = rng.integers(0, len(tokens) - seq_len - 1, batch)
+def _windows_at(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> Batch:
+    """The windows of seq_len + 1 tokens at `starts`: {"inputs", "targets"} int32 [len(starts), seq_len]."""
     w = np.stack([tokens[s:s + seq_len + 1] for s in starts])
     return {"inputs": w[:, :-1], "targets": w[:, 1:]}
+
+
+def windows(tokens: np.ndarray, batch: int, seq_len: int, rng: np.random.Generator) -> Batch:
+    """`batch` random windows."""
+    return _windows_at(tokens, rng.integers(0, len(tokens) - seq_len - 1, batch), seq_len)
 
 
 def val_windows(tokens: np.ndarray, n: int, seq_len: int) -> Batch:
     """n evenly spaced validation windows (the same for every arm)."""
-    starts = np.linspace(0, len(tokens) - seq_len - 2, n).astype(int)
-    w = np.stack([tokens[s:s + seq_len + 1] for s in starts])
-    return {"inputs": w[:, :-1], "targets": w[:, 1:]}
+    return _windows_at(tokens, np.linspace(0, len(tokens) - seq_len - 2, n).astype(int), seq_len)
 
 
 def _one_device_mesh():
@@ -95,7 +99,8 @@ def _one_device_mesh():
 
 
 class Runner:
-    """Compiled train and eval steps for one model config, reused by every arm (λ is an argument)."""
+    """Compiled train and eval steps for one model config, reused by every arm (λ is an argument) and,
+    through `runner`, by every seed."""
 
     def __init__(self, config: ModelConfig, lr: float) -> None:
         self.config = config
@@ -144,12 +149,17 @@ class Runner:
         return state.params
 
 
+@functools.lru_cache(maxsize=8)
+def runner(config: ModelConfig, lr: float) -> Runner:
+    """The `Runner` of (config, lr), built once: seeds of one study share its compiled steps."""
+    return Runner(config, lr)
+
+
 def mean_ci(values: list[float]) -> dict[str, float]:
     """Mean and a 95% Student-t interval over seeds."""
     x = np.asarray(values, np.float64)
-    t95 = {1: float("nan"), 2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306,
-           10: 2.262}.get(len(x), 1.96)
-    half = t95 * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
+    half = (float(scipy.stats.t.ppf(0.975, len(x) - 1)) * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1
+            else float("nan"))
     return {"mean": float(x.mean()), "lo": float(x.mean() - half), "hi": float(x.mean() + half), "n": len(x)}
 
 
@@ -160,12 +170,12 @@ def run_seed(cfg: Any, seed: int, arms: list[Arm], progress: Callable[[], None] 
     a_train, a_val = split(corpus_a(cfg.corpus_chars))
     b_train, b_val = split(corpus_b(cfg.b_problems, cfg.max_operand, seed=1000 + seed))
     va, vb = val_windows(a_val, cfg.val_windows, cfg.seq_len), val_windows(b_val, cfg.val_windows, cfg.seq_len)
-    runner = Runner(config, cfg.learning_rate_b)
+    arms_runner = runner(config, cfg.learning_rate_b)
     rng_a = np.random.default_rng(seed)
-    anchor = Runner(config, cfg.learning_rate).train(init_params(config, jax.random.PRNGKey(seed)),
+    anchor = runner(config, cfg.learning_rate).train(init_params(config, jax.random.PRNGKey(seed)),
                           iter(lambda: windows(a_train, cfg.batch_size, cfg.seq_len, rng_a), None), cfg.steps_a)
     progress()
-    la0, lb0 = runner.nll(anchor, va), runner.nll(anchor, vb)
+    la0, lb0 = arms_runner.nll(anchor, va), arms_runner.nll(anchor, vb)
     fisher_rng = np.random.default_rng(10_000 + seed)
     fisher = fisher_diagonal(config, anchor, [windows(a_train, cfg.batch_size, cfg.seq_len + 1, fisher_rng)["inputs"]
                                               for _ in range(cfg.fisher_batches)])
@@ -175,14 +185,14 @@ def run_seed(cfg: Any, seed: int, arms: list[Arm], progress: Callable[[], None] 
         rng_b = np.random.default_rng(30_000 + seed)           # every arm sees the same B batches
         batches = iter(lambda: windows(b_train, cfg.batch_size, cfg.seq_len, rng_b), None)
         if arm.lora_rank:
-            params = runner.train(anchor, batches, cfg.steps_b, key=jax.random.PRNGKey(seed),
+            params = arms_runner.train(anchor, batches, cfg.steps_b, key=jax.random.PRNGKey(seed),
                                   lora=LoraConfig(rank=arm.lora_rank, alpha=2.0 * arm.lora_rank))
         else:
             continual = {"anchor": jax.tree_util.tree_map(jnp.copy, anchor), "fisher": fisher,
                          "earlier_BxT": jnp.asarray(earlier), "lam": jnp.asarray(arm.lam, jnp.float32)}
-            params = runner.train(anchor, batches, cfg.steps_b, omega=arm.omega if arm.lam else "none",
-                                  continual=continual)
-        la, lb = runner.nll(params, va), runner.nll(params, vb)
+            params = arms_runner.train(anchor, batches, cfg.steps_b, omega=arm.omega if arm.lam else "none",
+                                       continual=continual)
+        la, lb = arms_runner.nll(params, va), arms_runner.nll(params, vb)
         rows.append({"arm": arm.name, "family": arm.family, "omega": arm.omega, "lam": arm.lam,
                      "lora_rank": arm.lora_rank, "forgetting": la - la0, "learning": lb0 - lb,
                      "loss_a": la, "loss_b": lb})

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arlm.analysis import drift
-from arlm.analysis.continual import BYTE_VOCAB, Runner, corpus_a, mean_ci, split, val_windows, windows
+from arlm.analysis.continual import BYTE_VOCAB, corpus_a, mean_ci, runner, split, val_windows, windows
 from arlm.config import ModelConfig
 from arlm.model import apply_model, embed_tokens, init_params
 from arlm.model.log_probs import token_log_probs
@@ -68,14 +68,15 @@ def run(cfg: Any, progress: Callable[[], None] = lambda: None) -> dict[str, Any]
         for gain in cfg.gains:
             config = model_config(cfg, gain)
             rng = np.random.default_rng(seed)
-            params = Runner(config, cfg.learning_rate).train(
+            train = runner(config, cfg.learning_rate)
+            params = train.train(
                 init_params(config, jax.random.PRNGKey(seed)),
                 iter(lambda: windows(a_train, cfg.batch_size, cfg.seq_len, rng), None), cfg.steps)
             sigma = np.mean([top_singular_values(config, params, val_tokens[i, :cfg.seq_len], lags)
                              for i in range(cfg.jacobian_windows)], axis=0)
             excess = injection_excess(config, params, val_tokens, position, inject_lags,
                                       np.random.default_rng(100 + seed)).mean(0)
-            loss = float(Runner(config, cfg.learning_rate).nll(params, val))
+            loss = train.nll(params, val)
             per_gain[float(gain)].append({"seed": int(seed), "loss": loss, "top_sigma": sigma.tolist(),
                                           "excess": excess.tolist()})
             progress()

@@ -186,8 +186,10 @@ def _decode(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Array,
 def _generate(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Array, key: Array,
               stop_ids: Array, *, sampler: Sampler, max_new_tokens: int, pad_id: int,
               cache_sharding: NamedSharding | None = None) -> DecodeState:
-    return _on_mesh(cache_sharding, _decode, config, params, prompt_BxP, start_B, key, stop_ids, sampler,
-                    max_new_tokens, pad_id, cache_sharding)
+    """The final state without its KV cache, which the caller does not need and need not keep."""
+    final = _on_mesh(cache_sharding, _decode, config, params, prompt_BxP, start_B, key, stop_ids, sampler,
+                     max_new_tokens, pad_id, cache_sharding)
+    return final.replace(cache=None)
 
 
 @partial(jax.jit, static_argnames=("config", "max_new_tokens", "pad_id", "cache_sharding"))

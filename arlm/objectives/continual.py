@@ -40,12 +40,12 @@ def _sum_tree(tree: Any) -> Array:
 
 
 def l2_penalty(params: Params, anchor: Params) -> Array:
-    """Ω_L2 = ½ Σ_i (θ_i − θ_i^(k))²."""
+    """Eq. 23's Ω_L2 = ½ Σ_i (θ_i − θ_i^(k))²."""
     return 0.5 * _sum_tree(jax.tree_util.tree_map(lambda p, a: jnp.square(p - a), params, anchor))
 
 
 def ewc_penalty(params: Params, anchor: Params, fisher: Params) -> Array:
-    """Ω_EWC = ½ Σ_i F_i (θ_i − θ_i^(k))², F the diagonal Fisher of the earlier corpus (`fisher_diagonal`)."""
+    """Eq. 23's Ω_EWC = ½ Σ_i F_i (θ_i − θ_i^(k))², F the diagonal Fisher of the earlier corpus (`fisher_diagonal`)."""
     return 0.5 * _sum_tree(jax.tree_util.tree_map(lambda p, a, f: f * jnp.square(p - a), params, anchor, fisher))
 
 
@@ -56,9 +56,9 @@ def sequence_log_likelihood(config: ModelConfig, params: Params, tokens_T: Array
 
 
 def fisher_diagonal(config: ModelConfig, params: Params, batches: Iterable[Array]) -> Params:
-    """F_i = E_x[(∂ log p_θ(x) / ∂θ_i)²] over the sequences of `batches` (int [B, T] each): the
-    empirical Fisher's diagonal at θ = θ^(k), one per-sequence gradient at a time (vmapped over a
-    batch), averaged over every sequence."""
+    """EWC's weights for eq. 23: F_i = E_x[(∂ log p_θ(x) / ∂θ_i)²] over the sequences of `batches`
+    (int [B, T] each): the empirical Fisher's diagonal at θ = θ^(k), one per-sequence gradient at a
+    time (vmapped over a batch), averaged over every sequence."""
     grad_fn = jax.jit(jax.vmap(jax.grad(sequence_log_likelihood, argnums=1), in_axes=(None, None, 0)),
                       static_argnums=0)
     total, count = None, 0
@@ -74,7 +74,7 @@ def fisher_diagonal(config: ModelConfig, params: Params, batches: Iterable[Array
 
 
 def representation_penalty(config: ModelConfig, params: Params, anchor: Params, tokens_BxT: Array) -> Array:
-    """Ω_rep = mean_{ℓ ≥ 1, b, t} ‖h_t^(ℓ)(θ) − h_t^(ℓ)(θ^(k))‖² / D on earlier tokens: how far
+    """Eq. 23's Ω_rep = mean_{ℓ ≥ 1, b, t} ‖h_t^(ℓ)(θ) − h_t^(ℓ)(θ^(k))‖² / D on earlier tokens: how far
     training has moved the residual stream where the earlier corpus is read. 0, with zero
     gradient, at θ = θ^(k)."""
     # θ and θ^(k) run as two slices of one vmapped forward pass: the same program computes both, so
@@ -87,7 +87,7 @@ def representation_penalty(config: ModelConfig, params: Params, anchor: Params, 
 
 
 def penalty(omega: str, config: ModelConfig, params: Params, continual: dict[str, Any]) -> Array:
-    """Ω(θ, θ^(k)) of kind `omega`; `continual` holds "anchor" (θ^(k)), "fisher" (for "ewc") and
+    """Eq. 23's Ω(θ, θ^(k)) of kind `omega`; `continual` holds "anchor" (θ^(k)), "fisher" (for "ewc") and
     "earlier_BxT" (for "representation")."""
     if omega == "none":
         return jnp.zeros((), jnp.float32)
