@@ -1,13 +1,16 @@
-"""The paper's analysis half, one study per command (eqs. 19–23 and the first experiments).
+"""The paper's analysis half, one study per command (eqs. 19–23, its first experiments, next checks
+and open questions).
 
-    python experiments/phenomena.py --config.study=S      S ∈ trace, temperature, drift, sycophancy, icl, cot_rag,
-                                                            continual
+    python experiments/phenomena.py --config.study=S [--config.size=large]
 
-Loads `--config.model` (default SmolLM2-135M-Instruct; any path `arlm.load` takes), runs the study
-of `arlm.jobs.phenomena`, and writes summary.json and S.png into --config.workdir (default
-runs/phenomena/S/). `continual` (eq. 23) trains its own small models instead (fields under
-`--config.continual.*`; `--config.size=large` for a GPU). Each summary states the paper's claim and
-what the measurement says about it.
+S reads a loaded model: trace, temperature, drift, sycophancy, icl, cot_rag. It loads `--config.model`
+(default SmolLM2-135M-Instruct; any path `arlm.load` takes).
+S trains its own models (fields under `--config.S.*`): continual (eq. 23), alignment_drift (next
+check 2: the align job per seed, then Hall(θ), error recovery and J_L(t, s) of every policy),
+sycophancy_frontier (open question 3), icl_emergence (open question 4), contractive (open question 1).
+
+Each writes summary.json and S.png into --config.workdir (default runs/phenomena/S/), stating the
+paper's claim and what the measurement says about it; `--config.size=large` is the GPU version.
 """
 
 import os

@@ -5,8 +5,23 @@ import jax; jax.config.update("jax_num_cpu_devices", 8)  # noqa: E702  (before a
 jax.config.update("jax_enable_x64", False)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+import atexit  # noqa: E402
 import gc  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# A persistent compilation cache, fresh for each test session: many tests build their own jitted
+# steps (a new closure, a new jit object) around the same computation, and XLA keys this cache by the
+# computation itself, so the second and later builds load the executable instead of compiling it.
+# Measured side by side here: test_objectives_continual + test_contractive 204 s → 104 s, and
+# test_alignment 106 s → 87 s. Starting empty keeps every session honest (nothing from an earlier
+# checkout is reused).
+_CACHE_DIR = tempfile.mkdtemp(prefix="arlm-test-jax-cache-")
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import pytest  # noqa: E402
 

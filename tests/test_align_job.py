@@ -73,6 +73,16 @@ def test_align_cpu_default_raises_verifier_success(tmp_path, monkeypatch):
         assert s["success_sampled"] > summary["start"]["success_sampled"], (m, s)
         assert s["gain_greedy"] > -0.02, (m, s)
         assert 0 < s["kl"] < 2.0, (m, s)
+    # save_policies: π_ref and every final policy load back and answer as the summary says
+    from arlm.jobs.align import greedy_success, load_policies, task_io
+    policies = load_policies(c.workdir)
+    assert list(policies) == ["ref", *c.methods]
+    io = task_io(c)
+    eval_problems = list({p.prompt: p for p in io.task.problems(c.eval.problems, "test")}.values())
+    for name, want in (("ref", summary["start"]), ("dpo", summary["methods"]["dpo"])):
+        model_cfg, params = policies[name]
+        r, _ = greedy_success(io, model_cfg, params, eval_problems, jax.random.PRNGKey(0))
+        assert float(r.mean()) == pytest.approx(want["success_greedy"], abs=1e-6), name
 
 
 def test_align_job_rejects_unknown_method(tmp_path):

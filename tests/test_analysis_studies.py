@@ -131,3 +131,47 @@ def test_contractive_study_writes_summary_and_plot(tmp_path):
         losses = [r["loss"] for r in g["runs"]]          # the interval is over these per-seed values
         assert g["loss"]["mean"] == pytest.approx(sum(losses) / 2) and g["loss"]["lo"] <= min(losses)
     assert "γ = 0.7" in on_disk["verdict"]
+
+
+@pytest.mark.slow
+def test_alignment_drift_study_aligns_saves_and_measures_each_policy(tmp_path):
+    cfg = _config(study="alignment_drift", workdir=str(tmp_path))
+    a = cfg.alignment_drift.align
+    a.methods = ("dpo", "rlvr_grpo")
+    a.iterations, a.eval_every = 2, 1
+    a.rollout.prompts, a.rollout.k = 2, 4
+    a.preferences.prompts, a.preferences.k = 64, 4
+    a.dpo.batch_pairs = 2
+    a.eval.problems, a.eval.k = 8, 2
+    a.start.steps, a.start.target_success = 20, 0.0
+    a.mesh.num_devices = 1
+    cfg.alignment_drift.update(dict(seeds=(0,), eval_problems=24, jacobian_problems=2, lags=(0, 1, 3)))
+    s = run_study(cfg)
+    assert (tmp_path / "alignment_drift.png").stat().st_size > 10_000
+    assert json.load(open(tmp_path / "summary.json"))["verdict"] == s["verdict"]
+    assert list(s["policies"]) == ["ref", "dpo", "rlvr_grpo"]
+    for seed, run in zip((0,), s["runs"]):
+        assert os.path.isdir(os.path.join(tmp_path, f"align_seed{seed}", "policies", "rlvr_grpo"))
+        for name, m in run["policies"].items():
+            assert m["hall_sampled"]["n"] == m["hall_greedy"]["n"] == s["eval_problems"]
+            assert len(m["top_sigma"]) == 3 and all(x > 0 for x in m["top_sigma"])
+        assert run["rlvr_recovery"]["n"] == run["policies"]["rlvr_grpo"]["recovery"]["n"]
+    # measuring saved runs again (align_dir) gives the same numbers without training
+    cfg2 = _config(study="alignment_drift", workdir=str(tmp_path / "again"))
+    cfg2.alignment_drift.update(dict(seeds=(0,), eval_problems=24, jacobian_problems=2, lags=(0, 1, 3),
+                                     align_dir=str(tmp_path / "align_seed{seed}")))
+    cfg2.alignment_drift.align = cfg.alignment_drift.align
+    again = run_study(cfg2)
+    assert again["runs"][0]["policies"] == s["runs"][0]["policies"]
+
+
+def test_every_study_has_a_plot_and_every_training_study_a_config_and_a_gpu_version():
+    from arlm.analysis import plots
+    from arlm.jobs.phenomena import TRAINING_STUDIES
+    cfg = _config()
+    assert set(STUDIES) | set(TRAINING_STUDIES) == set(plots.PLOTS)
+    assert set(TRAINING_STUDIES) == {"continual", "alignment_drift", "sycophancy_frontier", "icl_emergence",
+                                     "contractive"}
+    for study in TRAINING_STUDIES:
+        assert study in cfg and study in cfg.large, study
+        assert set(cfg.large[study]) == set(cfg[study]), study      # the GPU version replaces every field

@@ -97,9 +97,15 @@ def _train(omega: str, lam: float, optimizer, steps: int = 5):
     return state.params, metrics
 
 
+@pytest.fixture(scope="module")
+def unpenalised():
+    """The plain step's params (Ω = 0), trained once for every penalty's comparison."""
+    return _train("none", 0.0, optax.adam(1e-2))[0]
+
+
 @pytest.mark.parametrize("omega", PENALTIES)
-def test_lambda_zero_is_exactly_the_unpenalised_step(omega):
-    plain, _ = _train("none", 0.0, optax.adam(1e-2))
+def test_lambda_zero_is_exactly_the_unpenalised_step(omega, unpenalised):
+    plain = unpenalised
     got, metrics = _train(omega, 0.0, optax.adam(1e-2))
     for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(got)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

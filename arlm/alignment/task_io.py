@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 
 from arlm.alignment.tasks import ArithmeticTask, ArithmeticTokenizer, Problem
 from arlm.alignment.verifiers import ExactMatch, NumericAnswer, Verifier
+from arlm.inference import GREEDY, Sampler, generate
 from arlm.model.log_probs import sequence_batch
 
 
@@ -26,6 +28,7 @@ class TaskIO:
     eos_id: int
     pad_id: int
     max_new_tokens: int
+    encode_text: Callable[[str], list[int]] | None = None     # raw text → ids (no specials), e.g. to force a token
 
     def prompts(self, problems: Sequence[Problem]) -> list[list[int]]:
         return [self.encode_prompt(p) for p in problems]
@@ -50,10 +53,30 @@ class TaskIO:
         return np.asarray([self.verifier(t, p.answer) for t, p in zip(texts, problems)], np.float32)
 
 
+def responses(io: TaskIO, config: Any, params: Any, prompts: Sequence[Sequence[int]], key: Any, *,
+              tau: float = 0.0, batch_size: int = 256) -> list[list[int]]:
+    """Each prompt's generated ids (stop token included), greedy (τ = 0) or sampled at τ, `batch_size`
+    prompts per `generate` call."""
+    sampler = GREEDY if tau == 0 else Sampler(temperature=tau)
+    out: list[list[int]] = []
+    for i in range(0, len(prompts), batch_size):
+        g = generate(config, params, list(prompts[i:i + batch_size]), key=jax.random.fold_in(key, i),
+                     max_new_tokens=io.max_new_tokens, sampler=sampler, eos_id=io.eos_id, pad_id=io.pad_id)
+        out += [list(r[:n]) for r, n in zip(np.asarray(g.tokens_BxN), np.asarray(g.lengths_B))]
+    return out
+
+
+def greedy_success(io: TaskIO, config: Any, params: Any, problems: Sequence[Problem],
+                   key: Any) -> tuple[np.ndarray, list[list[int]]]:
+    """The verifier's reward of each problem's greedy answer, [B], and those answers' token ids."""
+    answers = responses(io, config, params, io.prompts(problems), key, batch_size=max(len(problems), 1))
+    return io.rewards(answers, problems), answers
+
+
 def char_task(task: ArithmeticTask, max_new_tokens: int = 6) -> TaskIO:
     tok = ArithmeticTokenizer()
     return TaskIO(task, lambda p: tok.encode(p.prompt, bos=True), lambda p: tok.encode(p.answer, eos=True),
-                  tok.decode, ExactMatch(), tok.eos_id, tok.pad_id, max_new_tokens)
+                  tok.decode, ExactMatch(), tok.eos_id, tok.pad_id, max_new_tokens, tok.encode)
 
 
 def chat_task(task: ArithmeticTask, loaded: Any, max_new_tokens: int = 16) -> TaskIO:
@@ -67,4 +90,4 @@ def chat_task(task: ArithmeticTask, loaded: Any, max_new_tokens: int = 16) -> Ta
         return tok.decode([i for i in ids if i != tok.eos_id])
 
     return TaskIO(task, prompt, lambda p: tok.encode(p.answer) + [tok.eos_id], decode, NumericAnswer(),
-                  tok.eos_id, tok.eos_id, max_new_tokens)
+                  tok.eos_id, tok.eos_id, max_new_tokens, tok.encode)

@@ -38,17 +38,24 @@ class Trainer:
         self.objective = objective
         self.config = objective.policy.config
         self.mesh = make_mesh(mesh_cfg) if mesh is None else mesh
-        frozen = {"ref": ref_params}
-        frozen_sharding = named(self.mesh, param_specs(frozen, self.mesh, mesh_cfg))
-        self.frozen = jax.device_put(frozen, frozen_sharding)
-        params = objective.init_params(ref_params, jax.random.PRNGKey(seed))
-        self.state, sharding = state_from_params(params, optimizer, self.mesh, mesh_cfg, seed)
+        self._optimizer, self._mesh_cfg = optimizer, mesh_cfg
+        self._frozen_sharding = named(self.mesh, param_specs({"ref": ref_params}, self.mesh, mesh_cfg))
+        sharding = self.reset(ref_params, seed)
         self.batch_sharding = batch_sharding(self.mesh)
         self._step = make_train_step(objective.loss, optimizer, sharding, self.batch_sharding,
-                                     frozen_sharding=frozen_sharding)
+                                     frozen_sharding=self._frozen_sharding)
         self._prepare = jax.jit(objective.prepare, out_shardings=self.batch_sharding)
         self._model_params = jax.jit(objective.policy.model_params)
+
+    def reset(self, ref_params: Any, seed: int = 0) -> Any:
+        """Start over from `ref_params` (π_θ = π_ref, fresh optimizer state and keys, as a new Trainer of
+        this seed would), keeping the compiled step: one compile serves many runs of one model config.
+        Returns the train state's sharding."""
+        self.frozen = jax.device_put({"ref": ref_params}, self._frozen_sharding)
+        params = self.objective.init_params(ref_params, jax.random.PRNGKey(seed))
+        self.state, sharding = state_from_params(params, self._optimizer, self.mesh, self._mesh_cfg, seed)
         self.key = jax.random.PRNGKey(seed + 1)
+        return sharding
 
     def next_key(self) -> Array:
         self.key, sub = jax.random.split(self.key)

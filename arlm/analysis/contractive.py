@@ -22,22 +22,13 @@ import numpy as np
 from arlm.analysis import drift
 from arlm.analysis.continual import BYTE_VOCAB, corpus_a, mean_ci, runner, split, val_windows, windows
 from arlm.config import ModelConfig
-from arlm.model import apply_model, embed_tokens, init_params
+from arlm.model import apply_model, init_params
 from arlm.model.log_probs import token_log_probs
 
 
 def model_config(cfg: Any, gain: float) -> ModelConfig:
     return ModelConfig.llama(vocab_size=BYTE_VOCAB, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                              d_ff=cfg.d_ff, max_seq_len=cfg.seq_len, residual_gain=float(gain))
-
-
-def top_singular_values(config: ModelConfig, params: Any, tokens_T: np.ndarray, lags: tuple[int, ...]) -> list[float]:
-    """σ_max of J_L(T−1, T−1−lag) for each lag (eq. 19), the whole depth L."""
-    emb_TxD = embed_tokens(config, params, jnp.asarray(tokens_T)[None])[0]
-    t = len(tokens_T) - 1
-    blocks_SxTxDxD = drift.jacobian_blocks(config, params, emb_TxD, config.n_layers, [t - lag for lag in lags],
-                                           chunk=len(lags))
-    return [float(np.linalg.norm(blocks_SxTxDxD[i, t], ord=2)) for i in range(len(lags))]
 
 
 def injection_excess(config: ModelConfig, params: Any, tokens_BxT: np.ndarray, position: int, lags: tuple[int, ...],
@@ -72,7 +63,7 @@ def run(cfg: Any, progress: Callable[[], None] = lambda: None) -> dict[str, Any]
             params = train.train(
                 init_params(config, jax.random.PRNGKey(seed)),
                 iter(lambda: windows(a_train, cfg.batch_size, cfg.seq_len, rng), None), cfg.steps)
-            sigma = np.mean([top_singular_values(config, params, val_tokens[i, :cfg.seq_len], lags)
+            sigma = np.mean([drift.top_singular_values_at_lags(config, params, val_tokens[i, :cfg.seq_len], lags)
                              for i in range(cfg.jacobian_windows)], axis=0)
             excess = injection_excess(config, params, val_tokens, position, inject_lags,
                                       np.random.default_rng(100 + seed)).mean(0)

@@ -43,7 +43,7 @@ import numpy as np
 from arlm.analysis.intermediates import final_norm, unembedding_DxV
 from arlm.analysis.lanczos import top_singular_values
 from arlm.config import ModelConfig
-from arlm.model import apply_model
+from arlm.model import apply_model, embed_tokens
 
 Array = jax.Array
 NORMALISATIONS = ("raw", "relative", "final_norm", "semantic")
@@ -188,6 +188,17 @@ def perturbation_response(config: ModelConfig, params: Any, embeddings_TxD: Arra
     h = hidden_states(config, params, embeddings_TxD)
     h_eps = hidden_states(config, params, embeddings_TxD.at[s].add(eps * u))
     return jnp.linalg.norm(h_eps - h, axis=-1) / eps
+
+
+def top_singular_values_at_lags(config: ModelConfig, params: Any, tokens_T: np.ndarray,
+                                lags: Sequence[int]) -> list[float]:
+    """σ_max of J_L(T−1, T−1−lag) = ∂h_{T−1}^(L)/∂h_{T−1−lag}^(0) for each lag (eq. 19), through the
+    whole depth L, from the dense blocks (small models: D×D per lag)."""
+    emb_TxD = embed_tokens(config, params, jnp.asarray(tokens_T)[None])[0]
+    t = len(tokens_T) - 1
+    blocks_SxTxDxD = jacobian_blocks(config, params, emb_TxD, config.n_layers, [t - lag for lag in lags],
+                                     chunk=len(lags))
+    return [float(np.linalg.norm(blocks_SxTxDxD[i, t], ord=2)) for i in range(len(lags))]
 
 
 def fraction_in_band(sigma: np.ndarray, band: tuple[float, float] = (0.5, 2.0)) -> float:

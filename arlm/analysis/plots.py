@@ -20,6 +20,11 @@ def _errbar(ax, x, y, ci, **kw):
     ax.errorbar(x, y, yerr=[y - ci[:, 0], ci[:, 1] - y], capsize=3, marker="o", **kw)
 
 
+def _errbar_mean(ax, x, stats, **kw):
+    """Error bars from `mean_ci` dicts ({"mean", "lo", "hi"})."""
+    _errbar(ax, x, [m["mean"] for m in stats], [[m["lo"], m["hi"]] for m in stats], **kw)
+
+
 def trace(s: dict[str, Any], ax_pair) -> None:
     ax1, ax2 = ax_pair
     ax1.barh([repr(t["token"]) for t in s["top"]][::-1], [t["prob"] for t in s["top"]][::-1])
@@ -154,10 +159,8 @@ def contractive(s: dict[str, Any], ax_pair) -> None:
     ax1, ax2 = ax_pair
     for g in s["gains"]:
         label = f"γ = {g['gain']:g} (loss {g['loss']['mean']:.3f})"
-        _errbar(ax1, s["lags"], [x["mean"] for x in g["top_sigma"]], [[x["lo"], x["hi"]] for x in g["top_sigma"]],
-                label=label)
-        _errbar(ax2, s["inject_lags"], [x["mean"] for x in g["excess"]], [[x["lo"], x["hi"]] for x in g["excess"]],
-                label=f"γ = {g['gain']:g}")
+        _errbar_mean(ax1, s["lags"], g["top_sigma"], label=label)
+        _errbar_mean(ax2, s["inject_lags"], g["excess"], label=f"γ = {g['gain']:g}")
     ax1.set(xlabel="lag t − s", ylabel="top singular value of J_L(t, s)", yscale="log",
             title=f"drift through the whole depth (eq. 19), {s['seeds']} seeds, 95% CI")
     ax2.axhline(0, color="k", linewidth=0.5)
@@ -167,8 +170,107 @@ def contractive(s: dict[str, Any], ax_pair) -> None:
     ax2.legend(fontsize=8)
 
 
+def alignment_drift(s: dict[str, Any], ax_pair) -> None:
+    """Next check 2: Hall(θ) and error-injection recovery per policy; top σ of J_L(t, s) against the lag."""
+    ax1, ax2 = ax_pair
+    names = list(s["policies"])
+    x = np.arange(len(names))
+    pol = s["policies"]
+    _errbar_mean(ax1, x - 0.15, [pol[n]["hall_sampled"] for n in names], linestyle="none",
+                 label="Hall(θ), sampled τ = 1 (eq. 19)")
+    _errbar_mean(ax1, x, [pol[n]["hall_greedy"] for n in names], linestyle="none", label="Hall(θ), greedy")
+    _errbar_mean(ax1, x + 0.15, [pol[n]["recovery"] for n in names], linestyle="none",
+                 label="recovery after a forced wrong digit")
+    ax1.set_xticks(x, ["π_ref" if n == "ref" else n for n in names], rotation=20, fontsize=8)
+    ax1.set(ylim=(-0.02, 1.02), ylabel="rate (mean over seeds, 95% CI)",
+            title=f"alignment and error propagation, {len(s['seeds'])} seeds × {s['eval_problems']} problems")
+    ax1.legend(fontsize=7)
+    for i, n in enumerate(names):
+        _errbar_mean(ax2, s["lags"], pol[n]["top_sigma"], label="π_ref" if n == "ref" else n,
+                     color="k" if n == "ref" else f"C{i}")
+    ax2.set(xlabel="lag t − s", ylabel="top singular value of J_L(t, s)", yscale="log",
+            title="drift through the whole depth (eq. 19) at the answer's end")
+    ax2.legend(fontsize=7)
+
+
+def icl_emergence(s: dict[str, Any], ax_pair) -> None:
+    """Open question 4. Left: recall accuracy against training steps, one line per (depth, width, seed) with
+    its 95% Wilson band, chance and the emergence threshold; right: the ICL score S against steps."""
+    ax1, ax2 = ax_pair
+    x = np.asarray(s["eval_steps"], float)
+    for i, point in enumerate(s["grid"]):
+        label = f"L={point['n_layers']}, d={point['d_model']}"
+        e = point["emergence"]
+        label += f" (ICL on {e['seeds_emerged']}/{len(point['runs'])} seeds)"
+        style = dict(color=f"C{i % 10}", linestyle=["-", "--", ":", "-."][(point["n_layers"] - 1) % 4])
+        for j, run in enumerate(point["runs"]):      # one line per seed: emergence is abrupt, a mean would blur it
+            curve = run["curve"]
+            y = [c["accuracy"] for c in curve]
+            lo, hi = [c["ci95"][0] for c in curve], [c["ci95"][1] for c in curve]
+            ax1.plot(x, y, marker="o", markersize=3, label=label if j == 0 else None, **style)
+            ax1.fill_between(x, lo, hi, color=style["color"], alpha=0.1)
+            ax2.plot(x, [c["icl_score"] for c in curve], marker="o", markersize=3, label=label if j == 0 else None,
+                     **style)
+    ax1.axhline(s["chance"], color="k", linewidth=0.8, linestyle=":", label=f"chance 1/K = {s['chance']:.3f}")
+    ax1.axhline(s["threshold"], color="grey", linewidth=0.8, linestyle="--", label=f"threshold {s['threshold']:.3f}")
+    ax1.set(xlabel="training steps", ylabel="recall accuracy (greedy)", ylim=(-0.02, 1.02),
+            title=f"ICL emergence (open question 4, eq. 21), one line per seed ({len(s['seeds'])}), 95% Wilson band")
+    ax1.legend(fontsize=7)
+    ax2.axhline(0, color="k", linewidth=0.5)
+    ax2.axhline(s["ideal_score"], color="grey", linewidth=0.8, linestyle="--", label="S* (perfect recall)")
+    ax2.axhline(s["binding_free_score"], color="k", linewidth=0.8, linestyle=":",
+                label="log K + S* (copies a context value, not its key)")
+    ax2.set(xlabel="training steps", ylabel="S = loss(answers) − loss(first values) (nats)",
+            title="ICL score (negative: the context is used)")
+    ax2.legend(fontsize=7)
+
+
+def sycophancy_frontier(s: dict[str, Any], ax_pair) -> None:
+    """Open question 3. Left: accuracy on wrong-opinion prompts against flip rate, one point per
+    (method, p) labelled with p, π_ref starred; right: flip rate against p per method, π_ref's as a
+    horizontal line. 95% t intervals over seeds."""
+    ax1, ax2 = ax_pair
+
+    def err(stat: dict[str, float]) -> list[list[float]]:
+        return [[stat["mean"] - stat["lo"]], [stat["hi"] - stat["mean"]]]
+
+    def nan0(x: list[list[float]]) -> list[list[float]]:
+        return [[v if np.isfinite(v) else 0.0 for v in row] for row in x]
+
+    ref = s["reference"]
+    methods_ = list(dict.fromkeys(pt["method"] for pt in s["points"]))
+    for i, method in enumerate(methods_):
+        pts = [pt for pt in s["points"] if pt["method"] == method]
+        ax1.plot([pt["flip_rate"]["mean"] for pt in pts], [pt["accuracy_wrong_opinion"]["mean"] for pt in pts],
+                 color=f"C{i}", linewidth=0.8, alpha=0.6)
+        for j, pt in enumerate(pts):
+            f, a = pt["flip_rate"], pt["accuracy_wrong_opinion"]
+            ax1.errorbar([f["mean"]], [a["mean"]], xerr=nan0(err(f)), yerr=nan0(err(a)), marker="o", color=f"C{i}",
+                         capsize=2, label=method if j == 0 else None)
+            ax1.annotate(f"p={pt['p']:g}", (f["mean"], a["mean"]), fontsize=7, xytext=(3, 3),
+                         textcoords="offset points")
+        ax2.errorbar([pt["p"] for pt in pts], [pt["flip_rate"]["mean"] for pt in pts],
+                     yerr=np.asarray(nan0([[pt["flip_rate"]["mean"] - pt["flip_rate"]["lo"] for pt in pts],
+                                           [pt["flip_rate"]["hi"] - pt["flip_rate"]["mean"] for pt in pts]])),
+                     marker="o", capsize=3, color=f"C{i}", label=method)
+    f, a = ref["flip_rate"], ref["accuracy_wrong_opinion"]
+    ax1.errorbar([f["mean"]], [a["mean"]], xerr=nan0(err(f)), yerr=nan0(err(a)), marker="*", markersize=12,
+                 color="k", capsize=2, linestyle="none", label="π_ref")
+    ax1.set(xlabel="flip rate: P[answer = wrong opinion | neutral answer correct]",
+            ylabel="accuracy on wrong-opinion prompts", ylim=(-0.02, 1.02),
+            title=f"sycophancy against accuracy (eq. 20), {len(s['seeds'])} seeds, 95% CI")
+    ax1.legend(fontsize=8)
+    ax2.axhline(f["mean"], color="k", linestyle=":", label="π_ref")
+    ax1.set_xlim(left=-0.01)
+    ax2.set_ylim(bottom=-0.01)
+    ax2.set(xlabel="rater's agreement probability p", ylabel="flip rate",
+            title="flip rate against the rater's p (open question 3)")
+    ax2.legend(fontsize=8)
+
+
 PLOTS = {"trace": trace, "temperature": temperature, "drift": drift, "sycophancy": sycophancy, "icl": icl,
-         "cot_rag": cot_rag, "continual": continual, "contractive": contractive}
+         "cot_rag": cot_rag, "continual": continual, "contractive": contractive, "alignment_drift": alignment_drift,
+         "icl_emergence": icl_emergence, "sycophancy_frontier": sycophancy_frontier}
 
 
 def save(study: str, summary: dict[str, Any], path: str) -> None:

@@ -15,7 +15,8 @@ Preference pairs are two samples of π_ref for one prompt, one accepted by the v
 rejected. Every `eval_every` iterations each policy is scored on held-out problems: verifier
 success of greedy and of sampled (τ = 1) answers, and KL(π_θ ‖ π_ref) (exact per-token KL along
 sampled answers). Outputs in `config.workdir`: metrics.jsonl, reward_vs_step.png, kl_vs_step.png,
-frontier.png, samples.txt, summary.json.
+frontier.png, samples.txt, summary.json, and with `save_policies` every final policy and π_ref under
+policies/<name>/ (Hugging Face directories: `load_policies`, `arlm.load`, transformers).
 """
 
 from __future__ import annotations
@@ -32,16 +33,15 @@ import numpy as np
 import optax
 
 from arlm.alignment.rollout import RewardModelReward, pair_batch, preference_pairs, sample_rollout
-from arlm.alignment.task_io import TaskIO, char_task, chat_task
+from arlm.alignment.start import sft_until_able
+from arlm.alignment.task_io import TaskIO, char_task, chat_task, greedy_success
 from arlm.alignment.tasks import ArithmeticTask, Problem
 from arlm.alignment.trainer import Trainer, exact_kl_to
 from arlm.config import ModelConfig
-from arlm.inference import GREEDY, Sampler, generate
-from arlm.model import init_params
+from arlm.inference import Sampler
 from arlm.objectives.heads import init_reward_model, reward_model_scores
-from arlm.objectives.kl import KLRegularizer
 from arlm.alignment import methods
-from arlm.objectives.kl_regularized import SFT, KLObjective, Policy, preference_rows
+from arlm.objectives.kl_regularized import KLObjective, preference_rows
 from arlm.objectives.preference import bradley_terry_loss
 from arlm.sharding import MeshConfig, batch_sharding, make_mesh
 from arlm.model.lora import LoraConfig
@@ -52,49 +52,69 @@ from arlm.train.step import make_train_step
 METHODS = ("rlhf_ppo", "dpo", "rsft", "rlvr_grpo", "rlvr_rloo", "rlvr_ppo")   # the order of the summary
 
 
-def _task_and_model(cfg: ml_collections.ConfigDict) -> tuple[TaskIO, ModelConfig, Any, dict]:
-    """The task binding, π_ref's config and params, and facts about how π_ref was obtained."""
+def task_io(cfg: ml_collections.ConfigDict, loaded: Any = None) -> TaskIO:
+    """The job's task binding: the character tokenizer for a π_ref SFT-ed here, else the loaded
+    model's chat template (`loaded`, or `arlm.load(cfg.start.name)`)."""
     task = ArithmeticTask(max_operand=cfg.task.max_operand, ops=tuple(cfg.task.ops), seed=cfg.seed)
     if cfg.start.kind == "sft":
-        io = char_task(task, cfg.task.max_new_tokens)
+        return char_task(task, cfg.task.max_new_tokens)
+    if loaded is None:
+        import arlm
+        loaded = arlm.load(cfg.start.name)
+    return chat_task(task, loaded, cfg.task.max_new_tokens)
+
+
+def _task_and_model(cfg: ml_collections.ConfigDict) -> tuple[TaskIO, ModelConfig, Any, dict]:
+    """The task binding, π_ref's config and params, and facts about how π_ref was obtained."""
+    if cfg.start.kind == "sft":
+        io = task_io(cfg)
         model_cfg, params, info = _sft_start_model(cfg, io)
         return io, model_cfg, params, info
     import arlm
     loaded = arlm.load(cfg.start.name)
-    return chat_task(task, loaded, cfg.task.max_new_tokens), loaded.config, loaded.params, {"model": cfg.start.name}
+    return task_io(cfg, loaded), loaded.config, loaded.params, {"model": cfg.start.name}
+
+
+POLICY_DIR = "policies"          # <workdir>/policies/<name>/: config.json + model.safetensors (save_hf)
+REFERENCE = "ref"                # π_ref's name there
+
+
+def save_policy(workdir: str, name: str, model_cfg: ModelConfig, params: Any) -> str:
+    """Write one policy (full params, LoRA merged) as a Hugging Face directory under workdir/policies/."""
+    from arlm.checkpoints.hf import save_hf
+    return save_hf(os.path.join(workdir, POLICY_DIR, name), model_cfg, jax.device_get(params))
+
+
+def load_policies(workdir: str) -> dict[str, tuple[ModelConfig, Any]]:
+    """{name: (config, params)} of the policies an align run saved: π_ref ("ref") first, then the
+    methods in the summary's order."""
+    from arlm.checkpoints.hf import load_hf_dir
+    root = os.path.join(workdir, POLICY_DIR)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root} does not exist: run the align job with save_policies=True")
+    names = [n for n in (REFERENCE,) + METHODS if os.path.isdir(os.path.join(root, n))]
+    if REFERENCE not in names:
+        raise FileNotFoundError(f"{root} holds no {REFERENCE!r} (π_ref) policy")
+    return {n: load_hf_dir(os.path.join(root, n))[:2] for n in names}
 
 
 def _sft_start_model(cfg: ml_collections.ConfigDict, io: TaskIO) -> tuple[ModelConfig, Any, dict]:
-    """A tiny model trained from scratch by SFT (eq. 8) until it is partly able.
-
-    Training stops at the first multiple of `start.check_every` steps where the greedy answers solve
-    at least `start.target_success` of `start.probe` training problems (at most `start.steps` steps;
-    `target_success = 0` trains exactly `start.steps`). Stopping at a capability, not at a step count,
-    gives every seed and machine a comparable π_ref: after a fixed 150 steps, seeds 0–5 solved
-    between 5 % and 56 % of held-out problems.
-    """
+    """A tiny model trained from scratch by SFT (eq. 8) until it is partly able (`sft_until_able`):
+    after a fixed 150 steps, seeds 0–5 solved between 5 % and 56 % of held-out problems; stopping at
+    `start.target_success` on `start.probe` training problems gives every seed a comparable π_ref."""
     from arlm.alignment.tasks import ArithmeticTokenizer
     from arlm.jobs.pretrain import model_config_from
     s = cfg.start
     model_cfg = model_config_from(s.model, ArithmeticTokenizer().vocab_size)
-    objective = KLObjective(Policy(model_cfg), KLRegularizer(0.0), SFT())
-    trainer = Trainer(objective, init_params(model_cfg, jax.random.PRNGKey(cfg.seed)),
-                      optax.adamw(s.learning_rate, weight_decay=0.0), mesh=_mesh(cfg), seed=cfg.seed)
-    pool = io.task.problems(s.pool, "train")
-    probe, target = pool[:s.probe], s.target_success
-    rng = np.random.default_rng(cfg.seed)
-    info: dict[str, Any] = {}
     with _bar(cfg, s.steps, "π_ref: SFT from scratch (eq. 8)") as bar:
-        for step in range(1, s.steps + 1):
-            trainer.update(io.sft_batch([pool[i] for i in rng.integers(0, len(pool), s.batch_size)]))
+        def on_step(info: dict) -> None:
             bar.update()
-            if target > 0 and (step % s.check_every == 0 or step == s.steps):
-                probe_r, _ = greedy_success(io, model_cfg, trainer.policy_params(), probe, jax.random.PRNGKey(cfg.seed))
-                info = {"sft_steps": step, "sft_probe_success": float(probe_r.mean())}
-                bar.set_postfix(probe_success=f"{info['sft_probe_success']:.2f}", target=target)
-                if info["sft_probe_success"] >= target:
-                    break
-    return model_cfg, jax.device_get(trainer.policy_params()), info or {"sft_steps": s.steps}
+            if info:
+                bar.set_postfix(probe_success=f"{info['sft_probe_success']:.2f}", target=s.target_success)
+        params, info = sft_until_able(io, model_cfg, seed=cfg.seed, steps=s.steps, target_success=s.target_success,
+                                      check_every=s.check_every, probe=s.probe, batch_size=s.batch_size,
+                                      learning_rate=s.learning_rate, pool=s.pool, mesh=_mesh(cfg), on_step=on_step)
+    return model_cfg, params, info
 
 
 def _bar(cfg: ml_collections.ConfigDict, total: int, desc: str):
@@ -186,15 +206,6 @@ def centered_reward_model(model_cfg: ModelConfig, rm: Any, k: int):
     return reward_fn
 
 
-def greedy_success(io: TaskIO, model_cfg: ModelConfig, params: Any, problems: list[Problem],
-                   key: jax.Array) -> tuple[np.ndarray, list[list[int]]]:
-    """The verifier's reward of each problem's greedy answer, [B], and those answers' token ids."""
-    greedy = generate(model_cfg, params, io.prompts(problems), key=key, max_new_tokens=io.max_new_tokens,
-                      sampler=GREEDY, eos_id=io.eos_id, pad_id=io.pad_id)
-    responses = [list(r[:n]) for r, n in zip(np.asarray(greedy.tokens_BxN), np.asarray(greedy.lengths_B))]
-    return io.rewards(responses, problems), responses
-
-
 def evaluate(io: TaskIO, model_cfg: ModelConfig, params: Any, ref_params: Any, problems: list[Problem],
              key: jax.Array, samples_per_problem: int = 4) -> tuple[dict[str, float], list[str]]:
     """Verifier success of the greedy answer and of τ = 1 samples (E_{y~π_θ}[r], eq. 9's reward term),
@@ -230,6 +241,9 @@ def run_alignment(config: ml_collections.ConfigDict) -> dict[str, Any]:
     mesh = _mesh(config)
     io, model_cfg, ref_params, start_info = _task_and_model(config)
     ref_params = jax.device_get(ref_params)
+    save = config.get("save_policies", False)
+    if save:
+        save_policy(config.workdir, REFERENCE, model_cfg, ref_params)
     key = jax.random.PRNGKey(config.seed)
     eval_problems = list({p.prompt: p for p in io.task.problems(config.eval.problems, "test")}.values())
     pool = io.task.problems(config.rollout.pool, "train")
@@ -281,6 +295,8 @@ def run_alignment(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                           gain_greedy=after["success_greedy"] - before["success_greedy"],
                                           gain_sampled=after["success_sampled"] - before["success_sampled"])
         samples.append(f"## {method}\n" + "\n".join(texts[:config.eval.samples]))
+        if save:
+            save_policy(config.workdir, method, model_cfg, trainer.policy_params())
         print(f"{method}: success greedy {before['success_greedy']:.3f} → {after['success_greedy']:.3f}, "
               f"sampled {before['success_sampled']:.3f} → {after['success_sampled']:.3f}, KL {after['kl']:.3f}",
               flush=True)

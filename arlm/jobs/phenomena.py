@@ -17,7 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from arlm.alignment.verifiers import ContainsAnswer
+from arlm.analysis import alignment_drift as drift_lab
 from arlm.analysis import continual as continual_lab
+from arlm.analysis import icl_emergence as icl_lab
+from arlm.analysis import sycophancy_frontier as frontier_lab
 from arlm.analysis import contractive as contractive_lab
 from arlm.analysis import cot, drift, hallucination, icl, items as item_sets, plots, retrieval, sycophancy
 from arlm.analysis.rates import Rate
@@ -214,10 +217,10 @@ STUDIES: dict[str, Study] = {"trace": trace, "temperature": temperature, "drift"
                              "sycophancy": sycophancy_study, "icl": icl_study, "cot_rag": cot_rag}
 
 
-def continual_study(cfg: Any, key: jax.Array) -> dict[str, Any]:
+def continual_study(cfg: Any, key: jax.Array, workdir: str) -> dict[str, Any]:
     """Eq. 23 (open question 2): forgetting against learning for Ω ∈ {none, L2, EWC, representation}
     over λ, and LoRA-only training (eq. 24), on seeds `cfg.continual.seeds`."""
-    del key                      # each seed draws its own init and batches
+    del key, workdir             # each seed draws its own init and batches
     c = cfg.continual
     arms = continual_lab.arms_of(c)
     bar = progress_bar(len(c.seeds) * (1 + len(arms)), "continual: pretrain on A, then each arm on B")
@@ -240,10 +243,10 @@ def continual_study(cfg: Any, key: jax.Array) -> dict[str, Any]:
     return out
 
 
-def contractive_study(cfg: Any, key: jax.Array) -> dict[str, Any]:
+def contractive_study(cfg: Any, key: jax.Array, workdir: str) -> dict[str, Any]:
     """Open question 1: a contractive residual map (γ < 1) against eq. 5's (γ = 1): loss, the top
     singular value of J_L(t, s) against the lag, and the excess loss after an injected error."""
-    del key
+    del key, workdir
     c = cfg.contractive
     bar = progress_bar(len(c.seeds) * len(c.gains), "contractive: train each γ and measure it")
     out = contractive_lab.run(c, progress=lambda: bar.update(1))
@@ -263,9 +266,81 @@ def contractive_study(cfg: Any, key: jax.Array) -> dict[str, Any]:
     return out
 
 
-# Studies that train their own small models instead of reading a loaded one.
-TRAINING_STUDIES: dict[str, Callable[[Any, jax.Array], dict[str, Any]]] = {"continual": continual_study,
-                                                                           "contractive": contractive_study}
+def alignment_drift_study(cfg: Any, key: jax.Array, workdir: str) -> dict[str, Any]:
+    """Next check 2: Hall(θ), error-injection recovery and J_L(t, s) spectra of π_ref and of each policy
+    the align job trains from it (`arlm.analysis.alignment_drift`), one align run per seed."""
+    from arlm.jobs.align import METHODS, load_policies, run_alignment, task_io
+    c = cfg.alignment_drift
+    seeds = [int(s) for s in c.seeds]
+    bar = progress_bar(len(seeds) * (1 + 1 + len(c.align.methods)), "alignment_drift: align, then measure each policy")
+    runs = []
+    for seed in seeds:
+        acfg = c.align.copy_and_resolve_references()
+        acfg.seed, acfg.save_policies = seed, True
+        acfg.workdir = c.align_dir.format(seed=seed) if c.align_dir else os.path.join(workdir, f"align_seed{seed}")
+        if not c.align_dir:
+            run_alignment(acfg)
+        bar.update(1)
+        io = task_io(acfg)
+        problems = list({p.prompt: p for p in io.task.problems(c.eval_problems, "test")}.values())
+        measured = {}
+        for name, (model_cfg, params) in load_policies(acfg.workdir).items():
+            measured[name] = drift_lab.measure(io, model_cfg, params, problems, c, jax.random.fold_in(key, seed), seed)
+            bar.update(1)
+        others = [m for m in METHODS if m not in drift_lab.RLVR]
+        runs.append({"seed": seed, "align_workdir": acfg.workdir, "policies": measured,
+                     "rlvr_recovery": drift_lab.pooled_recovery(measured, drift_lab.RLVR),
+                     "other_recovery": drift_lab.pooled_recovery(measured, others)})
+    bar.close()
+    names = list(runs[0]["policies"])
+    table = {n: {"hall_sampled": continual_lab.mean_ci([r["policies"][n]["hall_sampled"]["rate"] for r in runs]),
+                 "hall_greedy": continual_lab.mean_ci([r["policies"][n]["hall_greedy"]["rate"] for r in runs]),
+                 "recovery": continual_lab.mean_ci([r["policies"][n]["recovery"]["rate"] for r in runs]),
+                 "recovery_pooled": drift_lab.pooled_recovery({str(i): r["policies"][n] for i, r in enumerate(runs)},
+                                                              [str(i) for i in range(len(runs))]),
+                 "top_sigma": [continual_lab.mean_ci([r["policies"][n]["top_sigma"][i] for r in runs])
+                               for i in range(len(c.lags))]} for n in names}
+    rlvr = [r["rlvr_recovery"]["rate"] for r in runs]
+    rest = [r["other_recovery"]["rate"] for r in runs]
+    wins = sum(a > b for a, b in zip(rlvr, rest))
+    ref = table["ref"]["recovery"]["mean"]
+    out = {"lags": list(c.lags), "eval_problems": len(problems), "policies": table, "runs": runs, "seeds": seeds,
+           "claim": "next check 2: alignment grounded in verifiable facts (RLVR) should reduce the neutral "
+                    "propagation of errors (eq. 19): recover from an injected error more often",
+           "verdict": (f"after a forced wrong first digit, RLVR policies (GRPO, RLOO) keep the later digits right in "
+                       f"{np.mean(rlvr):.2f} of cases vs {np.mean(rest):.2f} for PPO-on-a-reward-model, DPO and "
+                       f"RSFT (π_ref {ref:.2f}); RLVR higher on {wins} of {len(runs)} seeds; Hall(θ) at τ = 1: "
+                       + ", ".join(f"{n} {v['hall_sampled']['mean']:.2f}" for n, v in table.items()))}
+    return out
+
+
+def icl_emergence_study(cfg: Any, key: jax.Array, workdir: str) -> dict[str, Any]:
+    """Open question 4: when in-context learning (eq. 21) appears, over a grid of depth, width and
+    training steps on associative recall (`arlm.analysis.icl_emergence`)."""
+    del key, workdir             # each seed draws its own init, batches and held-out sequences
+    c = cfg.icl_emergence
+    bar = progress_bar(len(c.depths) * len(c.widths) * len(c.seeds), "icl_emergence: train each (depth, width, seed)")
+    out = icl_lab.run(c, progress=lambda: bar.update(1))
+    bar.close()
+    return out
+
+
+def sycophancy_frontier_study(cfg: Any, key: jax.Array, workdir: str) -> dict[str, Any]:
+    """Open question 3: accuracy against flip rate (eq. 20) for DPO and an on-policy method aligned on a
+    simulated rater that prefers agreement with probability p (`arlm.analysis.sycophancy_frontier`)."""
+    del key, workdir             # each seed draws its own π_ref, pairs and rollouts
+    c = cfg.sycophancy_frontier
+    bar = progress_bar(len(c.seeds) * (1 + len(c.methods) * len(c.ps)), "sycophancy_frontier: π_ref, then each "
+                                                                         "(method, p)")
+    out = frontier_lab.run(c, progress=lambda: bar.update(1))
+    bar.close()
+    return out
+
+
+# Studies that train their own small models instead of reading a loaded one: (cfg, key, workdir) → summary.
+TRAINING_STUDIES: dict[str, Callable[[Any, jax.Array, str], dict[str, Any]]] = {
+    "continual": continual_study, "contractive": contractive_study, "alignment_drift": alignment_drift_study,
+    "icl_emergence": icl_emergence_study, "sycophancy_frontier": sycophancy_frontier_study}
 
 
 def run_study(cfg: Any, model: LoadedModel | None = None) -> dict[str, Any]:
@@ -287,7 +362,7 @@ def run_study(cfg: Any, model: LoadedModel | None = None) -> dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
     t0 = time.perf_counter()
     if cfg.study in TRAINING_STUDIES:
-        summary = TRAINING_STUDIES[cfg.study](cfg, jax.random.PRNGKey(cfg.seed))
+        summary = TRAINING_STUDIES[cfg.study](cfg, jax.random.PRNGKey(cfg.seed), workdir)
         summary.update(study=cfg.study, model="trained from scratch", size=cfg.size,
                        seconds=round(time.perf_counter() - t0, 1))
     else:

@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.workdir = "runs/align"
     c.seed = 0
     c.progress = True           # per-phase progress bars with an ETA on stderr
+    c.save_policies = True      # π_ref and each final policy under <workdir>/policies/<name>/ (HF directories)
     c.methods = ("rlhf_ppo", "dpo", "rsft", "rlvr_grpo", "rlvr_rloo")
     c.task = ml_collections.ConfigDict(dict(max_operand=49, ops=("+",), max_new_tokens=4))
     c.start = ml_collections.ConfigDict(dict(

@@ -23,6 +23,7 @@ def get_config():
     c.task.max_new_tokens = 12
     c.start.kind = "load"
     c.start.name = "smollm2-135m-instruct"
+    c.save_policies = False     # 0.5 GB per policy; the alignment_drift study turns it on
     c.lora.rank = 16
     c.lora.alpha = 32.0
     c.iterations = 100
