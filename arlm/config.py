@@ -72,6 +72,10 @@ class ModelConfig:
       residual_gain: γ ∈ (0, 1] of a contractive residual map (the paper's open question 1): each
         sub-layer updates h ← γ h + f(Norm(h)) instead of h ← h + f(Norm(h)) (eq. 5), so the identity
         path through a layer scales a deviation by γ² rather than carrying it unchanged; 1 is eq. 5.
+      attention_impl: "reference" computes eqs. 2–4 step by step and materialises α(t, s) [B, H, T, S];
+        "fused" calls `jax.nn.dot_product_attention` (cuDNN flash attention on GPU where it applies,
+        XLA elsewhere) and never forms α, except when attention probabilities are asked for
+        (`return_attention=True`), which always takes the reference path. Same result either way.
     """
 
     vocab_size: int
@@ -106,6 +110,7 @@ class ModelConfig:
     rope_local_theta: float | None = None
     rope_scaling: tuple | None = None
     residual_gain: float = 1.0
+    attention_impl: str = "reference"
 
     def __post_init__(self) -> None:
         for name in _INT_FIELDS:
@@ -138,6 +143,10 @@ class ModelConfig:
         _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
         _check_choice("mlp", self.mlp, ("gelu", "swiglu", "geglu"))
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        _check_choice("attention_impl", self.attention_impl, ("reference", "fused"))
+        if self.attention_impl == "fused" and self.attn_softcap is not None:
+            raise ValueError("ModelConfig.attention_impl='fused' cannot soft-cap attention scores (attn_softcap, "
+                             "Gemma 2): use attention_impl='reference'")
         if self.pos_embedding == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
         for name in ("rope_theta", "norm_eps", "init_std", "attn_scale_dim", "attn_softcap", "logit_softcap",

@@ -65,6 +65,20 @@ def aggregate(probs_BxHxTxS: Array, v_BxSxNxK: Array) -> Array:
     return z.reshape(b, t, h, dk)
 
 
+def fused_attention(q_BxTxHxK: Array, k_BxSxNxK: Array, v_BxSxNxK: Array, mask_BxTxS: Array,
+                    scale_dim: float | None = None) -> Array:
+    """Eqs. 2–4 in one `jax.nn.dot_product_attention` call: the z_BxTxHxK of
+    `aggregate(causal_softmax(bilinear_scores(q, k), mask), v)` without materialising α. Grouped-query
+    heads as there (head h reads key/value head h // G); a row with no allowed key gives 0, as
+    `causal_softmax` makes it."""
+    dtype = q_BxTxHxK.dtype
+    z = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxNxK.astype(dtype), v_BxSxNxK.astype(dtype),
+                                     mask=mask_BxTxS[:, None, :, :],
+                                     scale=1.0 / math.sqrt(scale_dim or q_BxTxHxK.shape[-1]))
+    any_key_BxT = jnp.any(mask_BxTxS, axis=-1)
+    return jnp.where(any_key_BxT[:, :, None, None], z, jnp.zeros((), z.dtype)).astype(v_BxSxNxK.dtype)
+
+
 def causal_mask(q_positions_BxT: Array, kv_positions_BxS: Array) -> Array:
     """True where key position s ≤ query position t (eq. 3's s ≤ t)."""
     return kv_positions_BxS[:, None, :] <= q_positions_BxT[:, :, None]
@@ -94,14 +108,15 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, h_BxTxD: Array, positions_BxT: Array, mask_BxTxS: Array,
                  kv_cache: tuple[Array, Array] | None = None, cache_index: Array | None = None,
-                 is_global: Array | bool = True):
+                 is_global: Array | bool = True, need_probs: bool = True):
         """Attend the T new tokens to themselves, or (with `kv_cache`) to every cached slot.
 
         kv_cache: (k_BxSxNxK, v_BxSxNxK) of this layer; the new keys/values are written at
         slots cache_index … cache_index+T-1 (eq. 17: S_{t+1} = S_t ∪ {(k_{t+1}, v_{t+1})}),
         and mask_BxTxS then ranges over all S slots. `is_global` (a traced bool under the layer
         scan) picks the global RoPE (base and scaling); a local layer uses `rope_local_theta` when set (the
-        caller passes the sliding-window mask). Returns (out, probs, new_kv_cache).
+        caller passes the sliding-window mask). Returns (out, probs, new_kv_cache); probs is None when
+        `attention_impl == "fused"` and `need_probs` is False (the fused path never forms them).
         """
         cfg = self.config
         x = h_BxTxD.astype(cfg.compute_dtype)
@@ -124,9 +139,13 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
             kv_cache = (k, v)
-        scores = bilinear_scores(q, k, cfg.attn_scale_dim, cfg.attn_softcap)
-        probs_BxHxTxS = causal_softmax(scores, mask_BxTxS)
-        z_BxTxHxK = aggregate(probs_BxHxTxS, v)
+        if cfg.attention_impl == "fused" and not need_probs:
+            probs_BxHxTxS = None
+            z_BxTxHxK = fused_attention(q, k, v, mask_BxTxS, cfg.attn_scale_dim)
+        else:
+            scores = bilinear_scores(q, k, cfg.attn_scale_dim, cfg.attn_softcap)
+            probs_BxHxTxS = causal_softmax(scores, mask_BxTxS)
+            z_BxTxHxK = aggregate(probs_BxHxTxS, v)
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         wo = weight(self, "wo", normal_init(out_std), (cfg.n_heads, cfg.head_dim, cfg.d_model),
                     ("heads", None, "embed"))

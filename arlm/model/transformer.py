@@ -57,7 +57,8 @@ class Block(nn.Module):
             is_global = (layer_id + 1) % cfg.global_every == 0 if cfg.global_every else False
             mask_BxTxS = jnp.where(is_global, mask_BxTxS, local_mask_BxTxS)
         attn_out, probs_BxHxTxS, kv_cache = Attention(cfg, name="attn")(
-            Norm(cfg, name="attn_norm")(h_BxTxD), positions_BxT, mask_BxTxS, kv_cache, cache_index, is_global)
+            Norm(cfg, name="attn_norm")(h_BxTxD), positions_BxT, mask_BxTxS, kv_cache, cache_index, is_global,
+            need_probs=self.return_attention)
         if cfg.sandwich_norm:
             attn_out = Norm(cfg, name="attn_post_norm")(attn_out)
         gain = jnp.float32(cfg.residual_gain)      # γ = 1: eq. 5; γ < 1: a contractive identity path
