@@ -76,6 +76,10 @@ class ModelConfig:
         "fused" calls `jax.nn.dot_product_attention` (cuDNN flash attention on GPU where it applies,
         XLA elsewhere) and never forms α, except when attention probabilities are asked for
         (`return_attention=True`), which always takes the reference path. Same result either way.
+      remat: what the backward pass recomputes instead of storing, per layer: "none" (store every
+        activation), "full" (store only each layer's input, recompute the block), "dots" (store the
+        weight matmuls' outputs, recompute the rest: `dots_with_no_batch_dims_saveable`). Same losses
+        and gradients; less memory for more compute.
     """
 
     vocab_size: int
@@ -111,6 +115,7 @@ class ModelConfig:
     rope_scaling: tuple | None = None
     residual_gain: float = 1.0
     attention_impl: str = "reference"
+    remat: str = "none"
 
     def __post_init__(self) -> None:
         for name in _INT_FIELDS:
@@ -144,6 +149,7 @@ class ModelConfig:
         _check_choice("mlp", self.mlp, ("gelu", "swiglu", "geglu"))
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         _check_choice("attention_impl", self.attention_impl, ("reference", "fused"))
+        _check_choice("remat", self.remat, ("none", "full", "dots"))
         if self.attention_impl == "fused" and self.attn_softcap is not None:
             raise ValueError("ModelConfig.attention_impl='fused' cannot soft-cap attention scores (attn_softcap, "
                              "Gemma 2): use attention_impl='reference'")

@@ -338,7 +338,7 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> tuple[dict[
         back, _ = config_from_hf(hf)
     except CheckpointFormatError as err:
         raise ValueError(f"this ModelConfig cannot be written as {model_type}: {err}") from err
-    keep = {"dtype", "init_std", "moe_top_k", "moe_aux_weight", "attention_impl"}   # not in the weights
+    keep = {"dtype", "init_std", "moe_top_k", "moe_aux_weight", "attention_impl", "remat"}   # not in the weights
     diff = [f.name for f in dataclasses.fields(cfg)
             if f.name not in keep and getattr(back, f.name) != getattr(cfg, f.name)]
     if diff:

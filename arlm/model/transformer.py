@@ -78,6 +78,16 @@ class Block(nn.Module):
         return (h_BxTxD, aux), per_layer
 
 
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _rematerialised(block: type[nn.Module], remat: str) -> type[nn.Module]:
+    """`block` under `nn.remat` with the `ModelConfig.remat` policy ("none": unchanged)."""
+    if remat == "none":
+        return block
+    return nn.remat(block, policy=REMAT_POLICIES[remat], prevent_cse=False)   # no CSE to guard inside a scan
+
+
 class Transformer(nn.Module):
     config: ModelConfig
     return_attention: bool = False
@@ -95,7 +105,7 @@ class Transformer(nn.Module):
             self.unembed = weight(self, "unembed", normal_init(cfg.init_std), (cfg.d_model, cfg.vocab_size),
                                   ("embed", "vocab"))
         scanned = nn.scan(
-            Block, variable_axes={"params": 0}, split_rngs={"params": True},
+            _rematerialised(Block, cfg.remat), variable_axes={"params": 0}, split_rngs={"params": True},
             metadata_params={nn.PARTITION_NAME: LAYER_AXIS},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0), length=cfg.n_layers)
         self.layers = scanned(cfg, self.return_attention, self.return_sublayers)
