@@ -67,6 +67,10 @@ class ModelConfig:
         experts of a mixture-of-experts block (eq. 5).
       moe_top_k: experts per token.
       moe_aux_weight: weight of the load-balancing loss added to training losses.
+      moe_impl: "dense" evaluates every expert on every token (the reference); "routed" dispatches each
+        token to its top-k experts only, each expert taking at most
+        C = ceil(moe_capacity_factor · tokens · k / n_experts) tokens per batch: the same output as dense
+        when no token is dropped (`arlm.model.moe_dropped_fraction` reports how many are).
       dtype: compute dtype of matmuls; params, softmax and log-softmax stay float32.
       init_std: standard deviation of the normal initialisation.
       residual_gain: γ ∈ (0, 1] of a contractive residual map (the paper's open question 1): each
@@ -116,6 +120,8 @@ class ModelConfig:
     residual_gain: float = 1.0
     attention_impl: str = "reference"
     remat: str = "none"
+    moe_impl: str = "dense"
+    moe_capacity_factor: float = 1.25
 
     def __post_init__(self) -> None:
         for name in _INT_FIELDS:
@@ -150,6 +156,9 @@ class ModelConfig:
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         _check_choice("attention_impl", self.attention_impl, ("reference", "fused"))
         _check_choice("remat", self.remat, ("none", "full", "dots"))
+        _check_choice("moe_impl", self.moe_impl, ("dense", "routed"))
+        if self.moe_capacity_factor <= 0:
+            raise ValueError(f"ModelConfig.moe_capacity_factor must be > 0, got {self.moe_capacity_factor!r}")
         if self.attention_impl == "fused" and self.attn_softcap is not None:
             raise ValueError("ModelConfig.attention_impl='fused' cannot soft-cap attention scores (attn_softcap, "
                              "Gemma 2): use attention_impl='reference'")
@@ -266,7 +275,7 @@ _INT_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_
                "moe_top_k", "head_dim", "sliding_window", "global_every")
 _BOOL_FIELDS = ("use_bias", "tie_embeddings", "qkv_bias", "qk_norm", "sandwich_norm", "scale_embeddings")
 _FLOAT_FIELDS = ("rope_theta", "norm_eps", "moe_aux_weight", "init_std", "attn_scale_dim", "attn_softcap",
-                 "logit_softcap", "rope_local_theta", "residual_gain")
+                 "logit_softcap", "rope_local_theta", "residual_gain", "moe_capacity_factor")
 
 
 def _set(cfg: ModelConfig, name: str, value: Any) -> None:

@@ -147,13 +147,54 @@ class Mlp(nn.Module):
 EXPERT_IN = ("expert", "embed", "mlp")
 
 
+_EXPERT_EINSUMS = {"bt": ("btd,edf->btef", "btef,efd->bted"), "ec": ("ecd,edf->ecf", "ecf,efd->ecd")}
+
+
+def expert_capacity(n_tokens: int, k: int, n_experts: int, capacity_factor: float) -> int:
+    """C = ceil(capacity_factor · tokens · k / n_experts): the slots each expert has per batch."""
+    return max(1, math.ceil(capacity_factor * n_tokens * k / n_experts))
+
+
+def routed_mixture(experts: Callable[[Array, str], Array], x_BxTxD: Array, top_idx_BxTxK: Array,
+                   top_gates_BxTxK: Array, n_experts: int, capacity_factor: float) -> tuple[Array, Array]:
+    """Σ_k g_k FFN_{e_k}(h) with each token dispatched to its top-k experts only (sort-based).
+
+    The B·T·k assignments are sorted by expert (stably, so earlier tokens come first); an assignment's
+    slot is its rank within its expert, and ranks ≥ C (`expert_capacity`) are dropped (contribute 0).
+    Each expert then runs on its [C, D] slots: E·C·(FFN cost) instead of E·B·T. Returns the output and
+    the fraction of assignments dropped."""
+    b, t, d = x_BxTxD.shape
+    k = top_idx_BxTxK.shape[-1]
+    n_assign = b * t * k
+    cap = expert_capacity(b * t, k, n_experts, capacity_factor)
+    expert_A = top_idx_BxTxK.reshape(n_assign)
+    token_A = jnp.arange(n_assign) // k                              # row of x_NxD each assignment reads
+    order_A = jnp.argsort(expert_A, stable=True)
+    counts_E = jnp.bincount(expert_A, length=n_experts)
+    starts_E = jnp.cumsum(counts_E) - counts_E
+    rank_sorted_A = jnp.arange(n_assign) - starts_E[expert_A[order_A]]
+    slot_A = jnp.zeros(n_assign, jnp.int32).at[order_A].set(rank_sorted_A.astype(jnp.int32))
+    kept_A = slot_A < cap
+    slot_A = jnp.where(kept_A, slot_A, cap)                            # out of range: dropped by the scatter
+    x_NxD = x_BxTxD.reshape(b * t, d)
+    slots_ExCxD = jnp.zeros((n_experts, cap, d), x_BxTxD.dtype).at[expert_A, slot_A].set(
+        x_NxD[token_A], mode="drop")
+    out_ExCxD = experts(slots_ExCxD, "ec")
+    gathered_AxD = out_ExCxD.at[expert_A, slot_A].get(mode="fill", fill_value=0)
+    weighted_AxD = gathered_AxD * (top_gates_BxTxK.reshape(n_assign, 1) * kept_A[:, None]).astype(x_BxTxD.dtype)
+    y_NxD = weighted_AxD.reshape(b * t, k, d).sum(1)
+    return y_NxD.reshape(b, t, d), jnp.mean(~kept_A)
+
+
 class MoE(nn.Module):
     """Mixture of experts `Σ_e g_e(h) FFN_e(h)` with top-k gating (eq. 5). Experts have no biases.
 
     The router is a linear map to E logits; each token keeps its top-k experts,
     whose gates are the softmax of those k logits. Every expert is evaluated on
     every token and unselected ones are weighted by zero: exact and simple,
-    at E× the FLOPs of routed dispatch, which is fine for research-scale models.
+    at E/k× the FLOPs of routed dispatch. `moe_impl="routed"` dispatches instead
+    (`routed_mixture`), with a capacity per expert; it sows the dropped fraction
+    under "intermediates" ("moe_dropped_fraction").
 
     Returns the output and the Switch-Transformer load-balancing loss
     `E · Σ_e f_e P_e`, with f_e the fraction of routing slots sent to expert e
@@ -179,16 +220,29 @@ class MoE(nn.Module):
         init = normal_init(cfg.init_std)
         if cfg.mlp == "gelu":
             w_in = weight(self, "w_in", init, (e, d, f), EXPERT_IN).astype(dt)
-            hidden_BxTxExF = jax.nn.gelu(jnp.einsum("btd,edf->btef", x, w_in), approximate=True)
         else:
             w_gate = weight(self, "w_gate", init, (e, d, f), EXPERT_IN).astype(dt)
             w_up = weight(self, "w_up", init, (e, d, f), EXPERT_IN).astype(dt)
-            act = jax.nn.silu if cfg.mlp == "swiglu" else partial(jax.nn.gelu, approximate=True)
-            hidden_BxTxExF = (act(jnp.einsum("btd,edf->btef", x, w_gate))
-                              * jnp.einsum("btd,edf->btef", x, w_up))
         w_out = weight(self, "w_out", normal_init(out_std), (e, f, d), ("expert", "mlp", "embed")).astype(dt)
-        expert_out_BxTxExD = jnp.einsum("btef,efd->bted", hidden_BxTxExF, w_out)
-        y_BxTxD = jnp.einsum("bte,bted->btd", gates_BxTxE.astype(dt), expert_out_BxTxExD)
+
+        def experts(x_in: Array, tokens: str) -> Array:
+            """FFN_e of eq. 5 for every expert e: on every token (tokens="bt", x_in [B, T, D] → [B, T, E, D])
+            or on each expert's own dispatched slots (tokens="ec", x_in [E, C, D] → [E, C, D])."""
+            into, out = _EXPERT_EINSUMS[tokens]
+            if cfg.mlp == "gelu":
+                hidden = jax.nn.gelu(jnp.einsum(into, x_in, w_in), approximate=True)
+            else:
+                act = jax.nn.silu if cfg.mlp == "swiglu" else partial(jax.nn.gelu, approximate=True)
+                hidden = act(jnp.einsum(into, x_in, w_gate)) * jnp.einsum(into, x_in, w_up)
+            return jnp.einsum(out, hidden, w_out)
+
+        if cfg.moe_impl == "routed":
+            y_BxTxD, dropped = routed_mixture(experts, x, top_idx_BxTxK, top_gates.astype(dt), e,
+                                              cfg.moe_capacity_factor)
+            self.sow("intermediates", "moe_dropped_fraction", dropped)
+        else:
+            expert_out_BxTxExD = experts(x, "bt")
+            y_BxTxD = jnp.einsum("bte,bted->btd", gates_BxTxE.astype(dt), expert_out_BxTxExD)
 
         probs_BxTxE = jax.nn.softmax(router_logits, axis=-1)
         frac_routed_E = onehot_BxTxKxE.sum(2).mean((0, 1)) / k

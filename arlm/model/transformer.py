@@ -105,7 +105,8 @@ class Transformer(nn.Module):
             self.unembed = weight(self, "unembed", normal_init(cfg.init_std), (cfg.d_model, cfg.vocab_size),
                                   ("embed", "vocab"))
         scanned = nn.scan(
-            _rematerialised(Block, cfg.remat), variable_axes={"params": 0}, split_rngs={"params": True},
+            _rematerialised(Block, cfg.remat), variable_axes={"params": 0, "intermediates": 0},
+            split_rngs={"params": True},
             metadata_params={nn.PARTITION_NAME: LAYER_AXIS},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0), length=cfg.n_layers)
         self.layers = scanned(cfg, self.return_attention, self.return_sublayers)
@@ -163,6 +164,8 @@ class ModelOutput:
       feed-forward block add to the residual stream (eq. 5), float32; None unless requested.
       h^(ℓ) = h^(ℓ-1) + attention_out[ℓ-1] + mlp_out[ℓ-1] (with residual_gain γ:
       γ² h^(ℓ-1) + γ attention_out[ℓ-1] + mlp_out[ℓ-1]).
+    moe_dropped_fraction: [L], the fraction of each layer's token→expert assignments that routed
+      dispatch dropped for lack of capacity (`moe_impl="routed"`); None unless requested.
     """
 
     logits_BxTxV: Array
@@ -171,11 +174,12 @@ class ModelOutput:
     moe_aux_loss: Array
     attention_out: Array | None = None
     mlp_out: Array | None = None
+    moe_dropped_fraction: Array | None = None
 
 
 jax.tree_util.register_dataclass(
     ModelOutput, data_fields=["logits_BxTxV", "hidden_states", "attention_probs", "moe_aux_loss",
-                              "attention_out", "mlp_out"],
+                              "attention_out", "mlp_out", "moe_dropped_fraction"],
     meta_fields=[])
 
 
@@ -225,6 +229,7 @@ def apply_model(
     return_hidden: bool = False,
     return_attention: bool = False,
     return_sublayers: bool = False,
+    return_moe_stats: bool = False,
 ) -> ModelOutput:
     """Run eqs. 1–6 on tokens [B, T] or on input embeddings [B, T, D].
 
@@ -237,6 +242,7 @@ def apply_model(
         at pad positions are never attended to.
       return_hidden / return_attention: also return h^(ℓ) and α(t,s).
       return_sublayers: also return each layer's attention and FFN outputs.
+      return_moe_stats: also return each layer's dropped fraction under routed experts.
     """
     if (tokens is None) == (embeddings is None):
         raise ValueError("pass exactly one of tokens=[B, T] or embeddings=[B, T, D]")
@@ -262,11 +268,16 @@ def apply_model(
         if attention_mask.shape != (b, t):
             raise ValueError(f"attention_mask must have shape {(b, t)}, got {attention_mask.shape}")
         mask_BxTxS = mask_BxTxS & attention_mask.astype(bool)[:, None, :]
-    logits, hidden, probs, aux, sublayers = Transformer(
-        config, return_attention=return_attention, return_sublayers=return_sublayers).apply(
-        {"params": params}, embeddings, positions, mask_BxTxS)
+    module = Transformer(config, return_attention=return_attention, return_sublayers=return_sublayers)
+    dropped = None
+    if return_moe_stats and config.n_experts and config.moe_impl == "routed":
+        outputs, state = module.apply({"params": params}, embeddings, positions, mask_BxTxS, mutable=["intermediates"])
+        dropped = state["intermediates"]["layers"]["moe"]["moe_dropped_fraction"][0]       # [L]
+    else:
+        outputs = module.apply({"params": params}, embeddings, positions, mask_BxTxS)
+    logits, hidden, probs, aux, sublayers = outputs
     attn_out, mlp_out = sublayers if return_sublayers else (None, None)
-    return ModelOutput(logits, hidden if return_hidden else None, probs, aux, attn_out, mlp_out)
+    return ModelOutput(logits, hidden if return_hidden else None, probs, aux, attn_out, mlp_out, dropped)
 
 
 def forward(config: ModelConfig, params: Params, tokens: Array | None = None, **kwargs: Any) -> Array:
