@@ -107,8 +107,7 @@ def test_error_recovery_and_hallucination_with_stub_policies(setup, monkeypatch)
     hall = ad.hallucination(io, cfg, params, problems[:10] + wrong, key, tau=1.0)
     assert (hall.k, hall.n) == (10, 20)
     assert ad.error_recovery(io, cfg, params, wrong, key)["n"] == 0     # no right answer: nothing injected
-    pooled = ad.pooled_recovery({"a": {"recovery": {"k": 3, "n": 4}}, "b": {"recovery": {"k": 1, "n": 6}}},
-                                ["a", "b", "c"])
+    pooled = ad.pooled([{"k": 3, "n": 4}, {"k": 1, "n": 6}])
     assert (pooled["k"], pooled["n"]) == (4, 10)
 
 

@@ -18,7 +18,7 @@ RLOO on the verifier's reward) are each measured three ways on held-out problems
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -79,10 +79,13 @@ def recovered(text: str, answer: str) -> bool:
 
 
 def error_recovery(io: TaskIO, config: ModelConfig, params: Any, problems: Sequence[Problem], key: jax.Array,
-                   seed: int = 0, *, batch_size: int = 256) -> dict[str, Any]:
+                   seed: int = 0, *, batch_size: int = 256,
+                   greedy: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
     """Force a wrong first digit into each right greedy answer and continue greedily (module docstring);
-    the recovery rate with its Wilson interval and a few examples."""
-    greedy = responses(io, config, params, io.prompts(problems), key, batch_size=batch_size)
+    the recovery rate with its Wilson interval and a few examples. `greedy`: the policy's greedy
+    responses to `problems`, if already generated."""
+    if greedy is None:
+        greedy = responses(io, config, params, io.prompts(problems), key, batch_size=batch_size)
     prefixes, kept = injection_prefixes(io, problems, greedy, np.random.default_rng(seed))
     cont = responses(io, config, params, prefixes, key, batch_size=batch_size) if prefixes else []
     texts = [io.decode(c) for c in cont]
@@ -95,10 +98,13 @@ def error_recovery(io: TaskIO, config: ModelConfig, params: Any, problems: Seque
 
 
 def jacobian_spectrum(io: TaskIO, config: ModelConfig, params: Any, problems: Sequence[Problem],
-                      lags: Sequence[int], key: jax.Array) -> list[float]:
+                      lags: Sequence[int], key: jax.Array,
+                      greedy: Sequence[Sequence[int]] | None = None) -> list[float]:
     """Mean over problems of σ_max J_L(t, t − lag) at the last position of prompt + greedy answer (eq. 19);
-    lags beyond a sequence's start are dropped for that sequence (the mean is over those that reach)."""
-    greedy = responses(io, config, params, io.prompts(problems), key)
+    lags beyond a sequence's start are dropped for that sequence (the mean is over those that reach).
+    `greedy`: the policy's greedy responses to `problems`, if already generated."""
+    if greedy is None:
+        greedy = responses(io, config, params, io.prompts(problems), key)
     sums, counts = np.zeros(len(lags)), np.zeros(len(lags))
     for p, ids in zip(problems, greedy):
         tokens = np.asarray(io.encode_prompt(p) + [i for i in ids if i != io.eos_id], np.int32)
@@ -111,15 +117,19 @@ def jacobian_spectrum(io: TaskIO, config: ModelConfig, params: Any, problems: Se
 
 def measure(io: TaskIO, config: ModelConfig, params: Any, problems: Sequence[Problem], cfg: Any,
             key: jax.Array, seed: int = 0) -> dict[str, Any]:
-    """Hall(θ) sampled and greedy, error recovery and the Jacobian spectrum of one policy."""
-    k1, k2, k3 = jax.random.split(key, 3)
+    """Hall(θ) sampled and greedy, error recovery and the Jacobian spectrum of one policy; the greedy
+    answers are generated once and serve all three greedy measurements."""
+    k1, k2 = jax.random.split(key)
+    greedy = responses(io, config, params, io.prompts(problems), k2)
+    n_jac = cfg.jacobian_problems
     return {"hall_sampled": hallucination(io, config, params, problems, k1, tau=1.0).to_dict(),
-            "hall_greedy": hallucination(io, config, params, problems, k2, tau=0.0).to_dict(),
-            "recovery": error_recovery(io, config, params, problems, k2, seed),
-            "top_sigma": jacobian_spectrum(io, config, params, problems[:cfg.jacobian_problems], cfg.lags, k3)}
+            "hall_greedy": Rate.of(io.rewards(greedy, problems) < 0.5).to_dict(),
+            "recovery": error_recovery(io, config, params, problems, k2, seed, greedy=greedy),
+            "top_sigma": jacobian_spectrum(io, config, params, problems[:n_jac], cfg.lags, k2, greedy[:n_jac])}
 
 
-def pooled_recovery(policies: dict[str, dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
-    """One recovery rate over the injected cases of several policies, with its Wilson interval."""
-    rates = [policies[n]["recovery"] for n in names if n in policies]
+def pooled(rates: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """One rate over several `Rate.to_dict()`s (their k and n summed), with its Wilson interval: e.g. the
+    recovery of several policies, or of one policy over seeds."""
+    rates = list(rates)
     return Rate(sum(r["k"] for r in rates), sum(r["n"] for r in rates)).to_dict()

@@ -94,7 +94,8 @@ def val_windows(tokens: np.ndarray, n: int, seq_len: int) -> Batch:
     return _windows_at(tokens, np.linspace(0, len(tokens) - seq_len - 2, n).astype(int), seq_len)
 
 
-def _one_device_mesh():
+def one_device_mesh():
+    """A mesh over the first device: the CPU-sized studies train one small model at a time."""
     return make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
 
 
@@ -105,7 +106,7 @@ class Runner:
     def __init__(self, config: ModelConfig, lr: float) -> None:
         self.config = config
         self.optimizer = optax.adam(lr)
-        self.mesh = _one_device_mesh()
+        self.mesh = one_device_mesh()
         self._steps: dict[Any, Callable] = {}
         self._eval = jax.jit(lambda p, b: pretrain_loss(config, p, b)[1]["nll"])
 

@@ -52,6 +52,7 @@ an opinion that is right half the time and close otherwise is a useful cue for a
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -63,10 +64,9 @@ from arlm.alignment.start import sft_until_able
 from arlm.alignment.task_io import TaskIO, char_task, greedy_success
 from arlm.alignment.tasks import SPLITS, ArithmeticTask, ArithmeticTokenizer, Problem
 from arlm.alignment.trainer import Trainer
-from arlm.analysis.continual import mean_ci
+from arlm.analysis.continual import mean_ci, one_device_mesh
 from arlm.analysis.rates import Rate
 from arlm.config import ModelConfig
-from arlm.sharding import MeshConfig, make_mesh
 
 Batch = dict[str, np.ndarray]
 METRICS = ("flip_rate", "agreement", "accuracy_neutral", "accuracy_wrong_opinion", "accuracy_right_opinion")
@@ -249,10 +249,6 @@ def measure(io: TaskIO, model_cfg: ModelConfig, params: Any, ev: EvalSet) -> dic
 
 
 # ------------------------------------------------------------------------------------------- training
-def _one_device_mesh():
-    return make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-
-
 def reference_model(cfg: Any, seed: int) -> tuple[TaskIO, ModelConfig, Any, dict[str, Any]]:
     """π_ref of one seed: SFT from scratch until partly able (eq. 8, `sft_until_able`) on `OpinionTask`'s
     mix of neutral and opinion prompts, correct answers as targets. Returns the task binding, model config,
@@ -265,7 +261,7 @@ def reference_model(cfg: Any, seed: int) -> tuple[TaskIO, ModelConfig, Any, dict
                         n_heads=cfg.n_heads, d_ff=cfg.d_ff, max_seq_len=cfg.max_seq_len)
     params, info = sft_until_able(io, model_cfg, seed=seed, steps=cfg.sft_steps, target_success=cfg.sft_target,
                                   check_every=cfg.sft_check_every, probe=cfg.sft_probe, batch_size=cfg.sft_batch_size,
-                                  learning_rate=cfg.sft_learning_rate, pool=cfg.sft_pool, mesh=_one_device_mesh())
+                                  learning_rate=cfg.sft_learning_rate, pool=cfg.sft_pool, mesh=one_device_mesh())
     return io, model_cfg, params, info
 
 
@@ -275,7 +271,7 @@ class Arms:
     anew, about 8 s of CPU each on the default model, more than a whole run of steps)."""
 
     def __init__(self) -> None:
-        self._trainers: dict[tuple, tuple[Trainer, optax.GradientTransformation]] = {}
+        self._trainers: dict[tuple, Trainer] = {}
 
     def fresh(self, method: str, model_cfg: ModelConfig, ref_params: Any, beta: float, lr: float, seed: int,
               group_size: int = 1) -> Trainer:
@@ -283,12 +279,10 @@ class Arms:
         state and RNG keys derived from `seed` (as `Trainer(...)` would start)."""
         key = (method, model_cfg, float(beta), float(lr), int(group_size))
         if key not in self._trainers:
-            optimizer = optax.adam(lr)
             objective = methods.make_objective(method, model_cfg, beta, group_size=group_size)
-            self._trainers[key] = (Trainer(objective, ref_params, optimizer, mesh=_one_device_mesh(), seed=seed),
-                                   optimizer)
-            return self._trainers[key][0]
-        trainer, _ = self._trainers[key]
+            self._trainers[key] = Trainer(objective, ref_params, optax.adam(lr), mesh=one_device_mesh(), seed=seed)
+            return self._trainers[key]
+        trainer = self._trainers[key]
         trainer.reset(ref_params, seed)
         return trainer
 
@@ -406,14 +400,10 @@ def endpoint_check(run: dict[str, Any], method: str) -> dict[str, Any]:
             "p1_rises": bool(rises), "p0_does_not": bool(stays), "passes": bool(rises and stays)}
 
 
-def _finite(x: float) -> bool:
-    return x == x
-
-
 def summarize(runs: list[dict[str, Any]], cfg: Any) -> dict[str, Any]:
     """Means over seeds (95% t intervals) per (method, p) and for π_ref, the endpoint checks, claim and verdict."""
     def mean_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        return {m: mean_ci([r[m]["rate"] for r in rows if _finite(r[m]["rate"])] or [float("nan")])
+        return {m: mean_ci([r[m]["rate"] for r in rows if not math.isnan(r[m]["rate"])] or [float("nan")])
                 for m in METRICS}
     reference = mean_of([r["reference"] for r in runs])
     points = []

@@ -217,6 +217,15 @@ STUDIES: dict[str, Study] = {"trace": trace, "temperature": temperature, "drift"
                              "sycophancy": sycophancy_study, "icl": icl_study, "cot_rag": cot_rag}
 
 
+def _with_bar(run: Callable[..., dict[str, Any]], c: Any, total: int, desc: str) -> dict[str, Any]:
+    """`run(c, progress=...)` of a training study under a progress bar of `total` steps."""
+    bar = progress_bar(total, desc)
+    try:
+        return run(c, progress=lambda: bar.update(1))
+    finally:
+        bar.close()
+
+
 def continual_study(cfg: Any, key: jax.Array, workdir: str) -> dict[str, Any]:
     """Eq. 23 (open question 2): forgetting against learning for Ω ∈ {none, L2, EWC, representation}
     over λ, and LoRA-only training (eq. 24), on seeds `cfg.continual.seeds`."""
@@ -248,9 +257,7 @@ def contractive_study(cfg: Any, key: jax.Array, workdir: str) -> dict[str, Any]:
     singular value of J_L(t, s) against the lag, and the excess loss after an injected error."""
     del key, workdir
     c = cfg.contractive
-    bar = progress_bar(len(c.seeds) * len(c.gains), "contractive: train each γ and measure it")
-    out = contractive_lab.run(c, progress=lambda: bar.update(1))
-    bar.close()
+    out = _with_bar(contractive_lab.run, c, len(c.seeds) * len(c.gains), "contractive: train each γ and measure it")
     std = next(g for g in out["gains"] if g["gain"] == 1.0)
     parts = []
     for g in out["gains"]:
@@ -273,6 +280,7 @@ def alignment_drift_study(cfg: Any, key: jax.Array, workdir: str) -> dict[str, A
     c = cfg.alignment_drift
     seeds = [int(s) for s in c.seeds]
     bar = progress_bar(len(seeds) * (1 + 1 + len(c.align.methods)), "alignment_drift: align, then measure each policy")
+    loaded = None if c.align.start.kind == "sft" else load(c.align.start.name)    # its tokenizer, loaded once
     runs = []
     for seed in seeds:
         acfg = c.align.copy_and_resolve_references()
@@ -281,7 +289,7 @@ def alignment_drift_study(cfg: Any, key: jax.Array, workdir: str) -> dict[str, A
         if not c.align_dir:
             run_alignment(acfg)
         bar.update(1)
-        io = task_io(acfg)
+        io = task_io(acfg, loaded)
         problems = list({p.prompt: p for p in io.task.problems(c.eval_problems, "test")}.values())
         measured = {}
         for name, (model_cfg, params) in load_policies(acfg.workdir).items():
@@ -289,15 +297,15 @@ def alignment_drift_study(cfg: Any, key: jax.Array, workdir: str) -> dict[str, A
             bar.update(1)
         others = [m for m in METHODS if m not in drift_lab.RLVR]
         runs.append({"seed": seed, "align_workdir": acfg.workdir, "policies": measured,
-                     "rlvr_recovery": drift_lab.pooled_recovery(measured, drift_lab.RLVR),
-                     "other_recovery": drift_lab.pooled_recovery(measured, others)})
+                     "rlvr_recovery": drift_lab.pooled(measured[n]["recovery"] for n in drift_lab.RLVR
+                                                       if n in measured),
+                     "other_recovery": drift_lab.pooled(measured[n]["recovery"] for n in others if n in measured)})
     bar.close()
     names = list(runs[0]["policies"])
     table = {n: {"hall_sampled": continual_lab.mean_ci([r["policies"][n]["hall_sampled"]["rate"] for r in runs]),
                  "hall_greedy": continual_lab.mean_ci([r["policies"][n]["hall_greedy"]["rate"] for r in runs]),
                  "recovery": continual_lab.mean_ci([r["policies"][n]["recovery"]["rate"] for r in runs]),
-                 "recovery_pooled": drift_lab.pooled_recovery({str(i): r["policies"][n] for i, r in enumerate(runs)},
-                                                              [str(i) for i in range(len(runs))]),
+                 "recovery_pooled": drift_lab.pooled(r["policies"][n]["recovery"] for r in runs),
                  "top_sigma": [continual_lab.mean_ci([r["policies"][n]["top_sigma"][i] for r in runs])
                                for i in range(len(c.lags))]} for n in names}
     rlvr = [r["rlvr_recovery"]["rate"] for r in runs]
@@ -319,10 +327,8 @@ def icl_emergence_study(cfg: Any, key: jax.Array, workdir: str) -> dict[str, Any
     training steps on associative recall (`arlm.analysis.icl_emergence`)."""
     del key, workdir             # each seed draws its own init, batches and held-out sequences
     c = cfg.icl_emergence
-    bar = progress_bar(len(c.depths) * len(c.widths) * len(c.seeds), "icl_emergence: train each (depth, width, seed)")
-    out = icl_lab.run(c, progress=lambda: bar.update(1))
-    bar.close()
-    return out
+    return _with_bar(icl_lab.run, c, len(c.depths) * len(c.widths) * len(c.seeds),
+                     "icl_emergence: train each (depth, width, seed)")
 
 
 def sycophancy_frontier_study(cfg: Any, key: jax.Array, workdir: str) -> dict[str, Any]:
@@ -330,11 +336,8 @@ def sycophancy_frontier_study(cfg: Any, key: jax.Array, workdir: str) -> dict[st
     simulated rater that prefers agreement with probability p (`arlm.analysis.sycophancy_frontier`)."""
     del key, workdir             # each seed draws its own π_ref, pairs and rollouts
     c = cfg.sycophancy_frontier
-    bar = progress_bar(len(c.seeds) * (1 + len(c.methods) * len(c.ps)), "sycophancy_frontier: π_ref, then each "
-                                                                         "(method, p)")
-    out = frontier_lab.run(c, progress=lambda: bar.update(1))
-    bar.close()
-    return out
+    return _with_bar(frontier_lab.run, c, len(c.seeds) * (1 + len(c.methods) * len(c.ps)),
+                     "sycophancy_frontier: π_ref, then each (method, p)")
 
 
 # Studies that train their own small models instead of reading a loaded one: (cfg, key, workdir) → summary.

@@ -157,7 +157,7 @@ def expert_capacity(n_tokens: int, k: int, n_experts: int, capacity_factor: floa
 
 def routed_mixture(experts: Callable[[Array, str], Array], x_BxTxD: Array, top_idx_BxTxK: Array,
                    top_gates_BxTxK: Array, n_experts: int, capacity_factor: float) -> tuple[Array, Array]:
-    """Σ_k g_k FFN_{e_k}(h) with each token dispatched to its top-k experts only (sort-based).
+    """Eq. 5's mixture Σ_k g_k FFN_{e_k}(h) with each token dispatched to its top-k experts only (sort-based).
 
     The B·T·k assignments are sorted by expert (stably, so earlier tokens come first); an assignment's
     slot is its rank within its expert, and ranks ≥ C (`expert_capacity`) are dropped (contribute 0).
