@@ -387,3 +387,43 @@ def test_input_validation():
 
 def test_greedy_default_sampler():
     assert GREEDY.greedy and GREEDY.temperature == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The cache grows in segments: each step reads at most twice the filled slots
+# ----------------------------------------------------------------------------------------------
+
+def test_cache_segments_double_from_the_first():
+    from arlm.inference.decoding import cache_segments
+
+    assert cache_segments(1) == (1,) and cache_segments(64) == (64,)
+    assert cache_segments(65) == (64, 65) and cache_segments(300) == (64, 128, 256, 300)
+    assert cache_segments(10, first=4) == (4, 8, 10)
+
+
+def test_decoding_across_cache_segments_matches_a_full_forward_and_streaming():
+    """150 sampled tokens cross two cache growths (64, 128, 150 steps): every returned log-prob equals a
+    full forward pass over prompt + completion, and streaming (which grows the cache between its
+    compiled steps) gives the same output bit for bit. The prefill cache holds P + 64 slots only."""
+    from arlm.inference.decoding import _prefill_jit, pad_prompts
+
+    config = FAMILIES["llama_gqa"].replace(max_seq_len=168)
+    _, params = model("llama_gqa")
+    n_new, prompts = 150, random_prompts(11, [3, 9, 1])
+    gen = functools.partial(arlm.generate, config, params, prompts, key=jax.random.PRNGKey(4),
+                            max_new_tokens=n_new, sampler=Sampler(1.0))
+    out = gen()
+    tokens, lengths = np.asarray(out.tokens_BxN), np.asarray(out.lengths_B)
+    assert lengths.tolist() == [n_new] * 3
+    errs = [rel_err(np.asarray(out.log_probs_BxN)[b], ref_lp)
+            for b, (_, ref_lp) in enumerate(recomputed(config, params, prompts, tokens, lengths))]
+    assert max(errs) <= TOL, errs
+    steps = []
+    streamed = gen(on_token=lambda i, tok, live: steps.append(i))
+    assert steps == list(range(n_new))
+    for field in ("tokens_BxN", "log_probs_BxN", "sample_log_probs_BxN"):
+        np.testing.assert_array_equal(np.asarray(getattr(streamed, field)), np.asarray(getattr(out, field)), field)
+    prompt, start = pad_prompts(config, prompts, n_new)
+    state = _prefill_jit(config, params, jnp.asarray(prompt), jnp.asarray(start), jax.random.PRNGKey(0),
+                         max_new_tokens=n_new, pad_id=0)
+    assert state.cache.size == prompt.shape[1] + 64

@@ -46,6 +46,15 @@ def init_cache(config: ModelConfig, batch: int, size: int, start_B: Array | None
     return KVCache(k=zeros, v=zeros, index=jnp.zeros((), jnp.int32), start_B=start)
 
 
+def grow_cache(cache: KVCache, size: int) -> KVCache:
+    """The same cache with `size` ≥ cache.size slots; the new slots are empty and come after every
+    written one, so no query attends to them before they are written."""
+    if size < cache.size:
+        raise ValueError(f"cannot shrink a cache of {cache.size} slots to {size}")
+    pad = ((0, 0), (0, 0), (0, size - cache.size), (0, 0), (0, 0))
+    return cache.replace(k=jnp.pad(cache.k, pad), v=jnp.pad(cache.v, pad))
+
+
 def forward_with_cache(config: ModelConfig, params: Any, cache: KVCache, tokens_BxT: Array | None = None,
                        *, embeddings_BxTxD: Array | None = None,
                        last_logits_only: bool = False) -> tuple[Array, KVCache]:

@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from arlm.config import ModelConfig
-from arlm.inference.cache import KVCache, forward_with_cache, init_cache
+from arlm.inference.cache import KVCache, forward_with_cache, grow_cache, init_cache
 from arlm.inference.sampling import GREEDY, Sampler, check_int
 from arlm.model.transformer import check_token_ids
 from arlm.sharding import cache_spec
@@ -76,6 +76,24 @@ class DecodeState:
     log_probs_BxN: Array
     sample_log_probs_BxN: Array
     lengths_B: Array
+
+
+FIRST_SEGMENT = 64      # decode steps before the KV cache first grows (`cache_segments`)
+
+
+def cache_segments(max_new_tokens: int, first: int = FIRST_SEGMENT) -> tuple[int, ...]:
+    """The step counts n_0 < n_1 < … = max_new_tokens at which decoding grows its KV cache.
+
+    Steps n_{j-1} … n_j − 1 run over a cache of P + n_j slots (P the padded prompt), so each step reads
+    and attends over at most twice the slots that are filled (n_j = first · 2^j), instead of the
+    P + max_new_tokens slots of one cache sized for the end. Each segment is its own compiled loop,
+    so there are O(log(max_new_tokens / first)) of them.
+    """
+    ends, n = [], first
+    while n < max_new_tokens:
+        ends.append(n)
+        n *= 2
+    return (*ends, max_new_tokens)
 
 
 def bucket_length(n: int, bucket: int | str) -> int:
@@ -137,10 +155,11 @@ def _on_mesh(cache_sharding: NamedSharding | None, fn: Callable[..., Any], *args
 
 def _prefill(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Array, key: Array,
              max_new_tokens: int, pad_id: int, cache_sharding: NamedSharding | None) -> DecodeState:
-    """Run the prompts through the model into a fresh cache: the state before the first decode step."""
+    """Run the prompts through the model into a fresh cache of P + n_0 slots (`cache_segments`): the
+    state before the first decode step."""
     b, p = prompt_BxP.shape
     n = max_new_tokens
-    cache = _constrain(init_cache(config, b, p + n, start_B), cache_sharding)
+    cache = _constrain(init_cache(config, b, p + cache_segments(n)[0], start_B), cache_sharding)
     # pad_id only marks padding in inputs/outputs; the model is fed token 0 there (never attended to),
     # so a pad_id outside [0, V) cannot put NaN embeddings into the cache.
     is_pad_BxP = jnp.arange(p, dtype=jnp.int32)[None, :] < start_B[:, None]
@@ -175,11 +194,22 @@ def _decode_step(config: ModelConfig, params: Any, s: DecodeState, stop_ids: Arr
 
 def _decode(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Array, key: Array, stop_ids: Array,
             sampler: Sampler, max_new_tokens: int, pad_id: int, cache_sharding: NamedSharding | None) -> DecodeState:
-    """Prefill, then decode up to `max_new_tokens` in a `lax.while_loop` that ends when every row stopped."""
-    init = _prefill(config, params, prompt_BxP, start_B, key, max_new_tokens, pad_id, cache_sharding)
-    return jax.lax.while_loop(
-        lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done_B),
-        lambda s: _decode_step(config, params, s, stop_ids, sampler, pad_id, cache_sharding), init)
+    """Prefill, then decode up to `max_new_tokens` in `lax.while_loop`s that end when every row stopped:
+    one loop per `cache_segments` segment, each over a cache grown to P + n_j slots."""
+    s = _prefill(config, params, prompt_BxP, start_B, key, max_new_tokens, pad_id, cache_sharding)
+    for end in cache_segments(max_new_tokens):
+        s = _grown(s, prompt_BxP.shape[1] + end, cache_sharding)
+        s = jax.lax.while_loop(
+            lambda s, end=end: (s.step < end) & ~jnp.all(s.done_B),
+            lambda s: _decode_step(config, params, s, stop_ids, sampler, pad_id, cache_sharding), s)
+    return s
+
+
+def _grown(s: DecodeState, size: int, cache_sharding: NamedSharding | None) -> DecodeState:
+    """`s` with its cache grown to `size` slots (unchanged when it already has them)."""
+    if s.cache.size == size:
+        return s
+    return s.replace(cache=_constrain(grow_cache(s.cache, size), cache_sharding))
 
 
 @partial(jax.jit, static_argnames=("config", "sampler", "max_new_tokens", "pad_id", "cache_sharding"))
@@ -205,6 +235,11 @@ def _step_jit(config: ModelConfig, params: Any, s: DecodeState, stop_ids: Array,
     return _on_mesh(cache_sharding, _decode_step, config, params, s, stop_ids, sampler, pad_id, cache_sharding)
 
 
+@partial(jax.jit, static_argnames=("size", "cache_sharding"), donate_argnames=("s",))
+def _grow_jit(s: DecodeState, *, size: int, cache_sharding: NamedSharding | None = None) -> DecodeState:
+    return _on_mesh(cache_sharding, _grown, s, size, cache_sharding)
+
+
 def _stream(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Array, key: Array, stop_ids: Array,
             sampler: Sampler, max_new_tokens: int, pad_id: int, cache_sharding: NamedSharding | None,
             on_token: Callable[[int, np.ndarray, np.ndarray], None]) -> DecodeState:
@@ -212,10 +247,14 @@ def _stream(config: ModelConfig, params: Any, prompt_BxP: Array, start_B: Array,
     step as it is made: no callback from compiled code, no state shared between calls."""
     s = _prefill_jit(config, params, prompt_BxP, start_B, key, max_new_tokens=max_new_tokens, pad_id=pad_id,
                      cache_sharding=cache_sharding)
+    ends = cache_segments(max_new_tokens)
     for i in range(max_new_tokens):
         live_B = ~np.asarray(s.done_B)
         if not live_B.any():
             break
+        size = prompt_BxP.shape[1] + next(end for end in ends if end > i)
+        if s.cache.size != size:
+            s = _grow_jit(s, size=size, cache_sharding=cache_sharding)
         s = _step_jit(config, params, s, stop_ids, sampler=sampler, pad_id=pad_id, cache_sharding=cache_sharding)
         on_token(i, np.asarray(s.tokens_BxN[:, i]), live_B)
     return s
