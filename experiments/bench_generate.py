@@ -352,6 +352,7 @@ def smollm_benchmark(args, bw: dict, gpu: dict | None) -> dict:
 
     # Interleaved timed repeats (order alternates each repeat); N new tokens and 1 new token.
     samples: dict[tuple[str, int, int], list[float]] = {}
+    loadavg_per_repeat = []
     for r in range(args.repeats):
         order = list(runners.items()) if r % 2 == 0 else list(reversed(list(runners.items())))
         for b in args.batches:
@@ -360,6 +361,7 @@ def smollm_benchmark(args, bw: dict, gpu: dict | None) -> dict:
                     gc.collect()
                     time.sleep(0.05)
                     samples.setdefault((name, b, n), []).append(timed(lambda: run(b, n)))
+        loadavg_per_repeat.append(round(os.getloadavg()[0], 2))
         log(f"  repeat {r + 1}/{args.repeats}: " + "  ".join(
             f"{name}@{b} {b * n_new / samples[(name, b, n_new)][-1]:.1f} tok/s"
             for b in args.batches for name in runners))
@@ -397,7 +399,12 @@ def smollm_benchmark(args, bw: dict, gpu: dict | None) -> dict:
                                                        / row[name]["tokens_per_s_best"])
                 row[f"decode_ratio_arlm_over_{name}"] = (row["arlm"]["decode_tokens_per_s"]
                                                          / row[name]["decode_tokens_per_s"])
+        row["loadavg"] = loadavg_per_repeat
         rows.append(row)
+
+    prefill = None
+    if args.prefill_len:
+        prefill = prefill_benchmark(cfg, params, hf, torch_device, args.prefill_len, args.repeats)
 
     # Bandwidth floor at batch 1: every decode step reads all float32 weights once.
     bandwidth: dict[str, Any] = dict(weight_bytes_per_step=weight_bytes)
@@ -449,8 +456,44 @@ def smollm_benchmark(args, bw: dict, gpu: dict | None) -> dict:
         except Exception as err:  # the profiler is a diagnostic; never fail the benchmark on it
             profile = dict(error=repr(err))
     return dict(model=args.model, n_params=n_params, weight_bytes=weight_bytes, torch_device=torch_device,
-                greedy_agreement=agreement, rows=rows, bandwidth=bandwidth,
+                greedy_agreement=agreement, rows=rows, prefill=prefill, bandwidth=bandwidth,
                 host_params_overhead=host_overhead, loop_overhead=loop, cpu_profile=profile)
+
+
+def prefill_benchmark(cfg: ModelConfig, params: Any, hf: Any, torch_device: str, length: int,
+                      repeats: int) -> dict[str, Any]:
+    """One forward pass over a 1×`length` prompt, all logits: compiled `arlm.forward` against
+    transformers' `model(x).logits` (no grad), interleaved repeats; the logits are checked to agree."""
+    import torch
+
+    tokens = np.random.default_rng(7).integers(100, 20000, (1, length)).astype(np.int32)
+    fwd = jax.jit(lambda p, x: arlm.forward(cfg, p, x))
+    x_jax, x_torch = jnp.asarray(tokens), torch.tensor(tokens, dtype=torch.long, device=torch_device)
+
+    def hf_forward():
+        with torch.no_grad():
+            return hf(x_torch).logits
+
+    ours = np.asarray(jax.block_until_ready(fwd(params, x_jax)))
+    runs: dict[str, Callable[[], Any]] = {"arlm": lambda: fwd(params, x_jax)}
+    out: dict[str, Any] = dict(tokens=length)
+    if hf is not None:
+        theirs = hf_forward().float().cpu().numpy()
+        out["max_abs_logit_diff"] = float(np.max(np.abs(ours - theirs)))
+        runs["transformers"] = hf_forward
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(repeats):
+        for name, run in (runs.items() if r % 2 == 0 else reversed(list(runs.items()))):
+            samples[name].append(timed(run))
+    for name, xs in samples.items():
+        out[f"{name}_seconds_median"] = statistics.median(xs)
+    if hf is not None:
+        out["ratio_arlm_over_transformers"] = out["transformers_seconds_median"] / out["arlm_seconds_median"]
+    out["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    log(f"  prefill 1x{length}: arlm {out['arlm_seconds_median'] * 1e3:.0f} ms" + (
+        f", transformers {out['transformers_seconds_median'] * 1e3:.0f} ms "
+        f"(arlm {out['ratio_arlm_over_transformers']:.2f}x faster)" if hf is not None else ""))
+    return out
 
 
 def profile_generate(run: Callable[[], Any], cfg: ModelConfig, n_steps: int, trace_dir: str,
@@ -576,6 +619,16 @@ def markdown(result: dict) -> str:
                              f"{fmt(r.get(f'ratio_arlm_over_{name}'))} | "
                              f"{fmt(r.get(f'ratio_best_arlm_over_{name}'))} | "
                              f"{fmt(r.get(f'decode_ratio_arlm_over_{name}'))} |")
+        pf = sm.get("prefill")
+        if pf:
+            lines += ["", f"Prefill, one forward pass over 1×{pf['tokens']} tokens (all logits): arlm "
+                      f"{pf['arlm_seconds_median'] * 1e3:.0f} ms" + (
+                          f", transformers {pf['transformers_seconds_median'] * 1e3:.0f} ms, arlm "
+                          f"{pf['ratio_arlm_over_transformers']:.2f}× faster (max |Δ logit| "
+                          f"{pf['max_abs_logit_diff']:.1e})" if "transformers_seconds_median" in pf else "")
+                      + f"; load average {pf['loadavg']}."]
+        lines += ["", "Load average (1 min) after each repeat: " + "; ".join(
+            f"batch {r['batch']}: {r['loadavg']}" for r in sm["rows"])]
         bw = sm["bandwidth"]
         meas = result["gpu"]["measured"] if result.get("gpu") else result["host_bandwidth"]
         lines += ["", f"Weights read per decode step: {bw['weight_bytes_per_step'] / 1e6:.0f} MB (float32). "
@@ -609,9 +662,23 @@ def markdown(result: dict) -> str:
                          f"{h['overhead_s_per_call'] * 1e3:.0f} ms more per call (re-upload); timings above use "
                          "device-resident params.")
         lines.append("")
+    if result["args"].get("one_core"):
+        lines.append("Run pinned to one core (CPU 0; one torch thread).")
     lines.append(f"Load average before/after: {env['loadavg_before']} / {env.get('loadavg_after')} "
                  f"on {env['cpu_count']} CPUs.")
     return "\n".join(lines) + "\n"
+
+
+def pin_to_one_core() -> None:
+    """Run everything on CPU 0: the affinity mask (XLA:CPU sizes its thread pool from it when the backend
+    starts, so call this before the first computation) and one torch / OpenMP thread."""
+    os.sched_setaffinity(0, {0})
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        import torch
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
 
 
 def main(argv=None) -> dict:
@@ -627,6 +694,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--hf-attn", type=str, default="sdpa,eager",
                     help="transformers attention implementations to time (sdpa is its default)")
+    ap.add_argument("--prefill-len", type=int, default=512,
+                    help="also time one forward pass over a 1×N prompt against transformers (0: skip)")
+    ap.add_argument("--one-core", action="store_true",
+                    help="pin this process (arlm and transformers alike) to CPU 0 with one torch thread")
     ap.add_argument("--skip-scaling", action="store_true")
     ap.add_argument("--skip-smollm", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
@@ -637,11 +708,14 @@ def main(argv=None) -> dict:
     if args.quick:
         args.lengths, args.total_lengths = "32,64,128", "32,128"
         args.batches, args.new_tokens, args.repeats, args.hf_attn = "1,2", 8, 2, "sdpa"
+        args.prefill_len = min(args.prefill_len, 64)
         args.host_params_check = False
     args.lengths = [int(x) for x in args.lengths.split(",")]
     args.total_lengths = [int(x) for x in args.total_lengths.split(",") if x]
     args.batches = [int(x) for x in args.batches.split(",")]
     args.hf_attn = [x for x in args.hf_attn.split(",") if x]
+    if args.one_core:
+        pin_to_one_core()
     os.makedirs(args.outdir, exist_ok=True)
     wall0 = time.perf_counter()
 
