@@ -17,7 +17,7 @@ from arlm.checkpoints.hf_config import config_from_hf, config_to_hf
 from arlm.checkpoints.layout import (CheckpointFormatError, gpt2_params_from_hf, gpt2_params_to_hf,
                                      llama_params_from_hf, llama_params_to_hf)
 from arlm.checkpoints.paths import checked_file
-from arlm.checkpoints.safetensors_io import read_safetensors
+from arlm.checkpoints.safetensors_io import lazy_safetensors
 from arlm.config import ModelConfig
 
 
@@ -33,16 +33,16 @@ def load_hf_dir(directory: str) -> tuple[ModelConfig, dict[str, Any], str]:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointFormatError(f"{cfg_path} is not valid JSON ({err})") from err
     cfg, family = config_from_hf(hf_cfg, cfg_path)
-    tensors = read_safetensors(directory)
     where = f"{directory} (model_type {family.model_type})"
-    if family.layout is None:
-        params = gpt2_params_from_hf(cfg, tensors, where)
-    else:
-        if not cfg.tie_embeddings and "lm_head.weight" not in tensors:
-            warnings.warn(f"{cfg_path} says tie_word_embeddings=false but the weights hold no lm_head.weight; "
-                          "tying the head to the embedding, as exports that drop a tied head need")
-            cfg = cfg.replace(tie_embeddings=True)
-        params = llama_params_from_hf(cfg, tensors, layout=family.layout, where=where)
+    with lazy_safetensors(directory) as tensors:    # each tensor read when its leaf is built, then dropped
+        if family.layout is None:
+            params = gpt2_params_from_hf(cfg, tensors, where)
+        else:
+            if not cfg.tie_embeddings and "lm_head.weight" not in tensors:
+                warnings.warn(f"{cfg_path} says tie_word_embeddings=false but the weights hold no lm_head.weight; "
+                              "tying the head to the embedding, as exports that drop a tied head need")
+                cfg = cfg.replace(tie_embeddings=True)
+            params = llama_params_from_hf(cfg, tensors, layout=family.layout, where=where)
     return cfg, params, family.model_type
 
 

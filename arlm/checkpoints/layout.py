@@ -1,15 +1,21 @@
 """Hugging Face tensor layouts ⇄ arlm's params pytree: GPT-2 and the Llama family
 (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 2/3, Phi-3).
 
-Both directions work on plain numpy dicts keyed by Hugging Face names
+Both directions work on dicts keyed by Hugging Face names
 (`model.layers.0.self_attn.q_proj.weight`, `h.0.attn.c_attn.weight`, …), so
 GGUF files (after de-quantisation and un-permuting Q/K) and safetensors
 directories share one conversion.
+
+Loading streams: a checkpoint reader hands over `LazyTensor`s (shape known, data read
+on use), each stacked leaf ([L, …]) is allocated once and filled layer by layer, and
+every tensor read is dropped as soon as it is copied in. Peak memory is then the
+float32 params plus one tensor's temporaries, not the file's tensors plus the params.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import numpy as np
@@ -23,23 +29,46 @@ class CheckpointFormatError(ValueError):
     """A checkpoint file is malformed, truncated, or describes something arlm cannot load."""
 
 
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+    """A checkpoint tensor whose data is read only when asked for, and not kept.
+
+    shape: the shape `read()` returns (known from the file's header, before any data is read).
+    read: returns a fresh array on each call; the caller owns it and drops it when done.
+    """
+
+    shape: tuple[int, ...]
+    read: Callable[[], np.ndarray]
+
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions, as for a numpy array."""
+        return len(self.shape)
+
+
+TensorSource = Mapping[str, np.ndarray | LazyTensor]
+
+
 class TrackedTensors(dict):
     """A tensor dict that records which names were read, so that leftovers can be refused.
 
     A checkpoint whose file holds tensors that its config does not account for (more layers
     than `num_hidden_layers`, stray weights of another architecture) describes a different
-    model: loading the rest would silently run the wrong network.
+    model: loading the rest would silently run the wrong network. Values are numpy arrays
+    or `LazyTensor`s (read on each `take`).
     """
 
-    def __init__(self, tensors: Tensors) -> None:
+    def __init__(self, tensors: TensorSource) -> None:
         super().__init__(tensors)
         self.used: set[str] = set()
 
     def take(self, name: str) -> np.ndarray:
+        """Tensor `name` as float32 (read now if lazy), marked as used."""
         if name not in self:
             raise CheckpointFormatError(f"checkpoint is missing tensor {name!r}")
         self.used.add(name)
-        return np.asarray(self[name], np.float32)
+        x = self[name]
+        return np.asarray(x.read() if isinstance(x, LazyTensor) else x, np.float32)
 
     def check_all_used(self, where: str) -> None:
         unused = sorted(set(self) - self.used)
@@ -50,12 +79,35 @@ class TrackedTensors(dict):
                 "count, architecture) does not describe this file")
 
 
-def _tracked(t: Tensors) -> TrackedTensors:
+def _tracked(t: TensorSource) -> TrackedTensors:
     return t if isinstance(t, TrackedTensors) else TrackedTensors(t)
 
 
+def _stack_many(n_layers: int, fn: Callable[[int], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """Leaves [L, …] whose layer i is fn(i)[j], each allocated once and filled layer by layer.
+
+    Equal to `np.stack` per output, but without the per-layer list: beside the results, only
+    one layer's arrays are alive at a time. fn(i) is called once per layer, so a fused tensor
+    (q/k/v in one) is read once and split into several leaves.
+    """
+    if n_layers < 1:
+        raise ValueError(f"need at least one layer to stack, got n_layers={n_layers}")
+    parts = fn(0)
+    outs_LxS = tuple(np.empty((n_layers, *x.shape), x.dtype) for x in parts)
+    for i in range(n_layers):
+        if i:
+            parts = fn(i)
+        for out_LxS, x in zip(outs_LxS, parts, strict=True):
+            if x.shape != out_LxS.shape[1:]:
+                raise CheckpointFormatError(f"layer {i} gives shape {x.shape}, layer 0 gave {out_LxS.shape[1:]}")
+            out_LxS[i] = x
+        del parts       # this layer's temporaries go before the next layer's are read
+    return outs_LxS
+
+
 def _stack(n_layers: int, fn: Callable[[int], np.ndarray]) -> np.ndarray:
-    return np.stack([fn(i) for i in range(n_layers)])
+    """fn(0), …, fn(n_layers - 1) stacked on a new leading [L] axis (see `_stack_many`)."""
+    return _stack_many(n_layers, lambda i: (fn(i),))[0]
 
 
 def _check_shape(name: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -86,7 +138,7 @@ GEMMA_LAYOUT = LlamaLayout(norms=(("attn_norm", "input_layernorm"), ("attn_post_
 PHI3_LAYOUT = LlamaLayout(fused=True)
 
 
-def llama_params_from_hf(cfg: ModelConfig, t: Tensors, prefix: str = "model.",
+def llama_params_from_hf(cfg: ModelConfig, t: TensorSource, prefix: str = "model.",
                          layout: LlamaLayout = LLAMA_LAYOUT, where: str = "the checkpoint") -> dict[str, Any]:
     """arlm params from Llama-family tensors ([out, in] weight matrices): Llama, Mistral, Qwen2/3,
     Gemma 2/3 and Phi-3, whose differences `cfg` and `layout` describe. Every tensor of `t`
@@ -103,16 +155,16 @@ def llama_params_from_hf(cfg: ModelConfig, t: Tensors, prefix: str = "model.",
         return w(i, f"{name}.weight", (size,)) + offset
 
     if layout.fused:
-        def qkv(i: int) -> np.ndarray:
-            return w(i, "self_attn.qkv_proj.weight", ((h + 2 * n) * k, d))
+        def qkv(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            w_QKVxD = w(i, "self_attn.qkv_proj.weight", ((h + 2 * n) * k, d))
+            return (w_QKVxD[:h * k].T.reshape(d, h, k), w_QKVxD[h * k:(h + n) * k].T.reshape(d, n, k),
+                    w_QKVxD[(h + n) * k:].T.reshape(d, n, k))
 
-        def gate_up(i: int) -> np.ndarray:
-            return w(i, "mlp.gate_up_proj.weight", (2 * f, d))
-        wq = _stack(cfg.n_layers, lambda i: qkv(i)[:h * k].T.reshape(d, h, k))
-        wk = _stack(cfg.n_layers, lambda i: qkv(i)[h * k:(h + n) * k].T.reshape(d, n, k))
-        wv = _stack(cfg.n_layers, lambda i: qkv(i)[(h + n) * k:].T.reshape(d, n, k))
-        w_gate = _stack(cfg.n_layers, lambda i: gate_up(i)[:f].T)
-        w_up = _stack(cfg.n_layers, lambda i: gate_up(i)[f:].T)
+        def gate_up(i: int) -> tuple[np.ndarray, np.ndarray]:
+            w_2FxD = w(i, "mlp.gate_up_proj.weight", (2 * f, d))
+            return w_2FxD[:f].T, w_2FxD[f:].T
+        wq, wk, wv = _stack_many(cfg.n_layers, qkv)
+        w_gate, w_up = _stack_many(cfg.n_layers, gate_up)
     else:
         wq = _stack(cfg.n_layers, lambda i: w(i, "self_attn.q_proj.weight", (h * k, d)).T.reshape(d, h, k))
         wk = _stack(cfg.n_layers, lambda i: w(i, "self_attn.k_proj.weight", (n * k, d)).T.reshape(d, n, k))
@@ -207,7 +259,7 @@ def llama_params_to_hf(cfg: ModelConfig, params: dict[str, Any],
 
 
 # ----------------------------------------------------------------------------------------- GPT-2
-def gpt2_params_from_hf(cfg: ModelConfig, t: Tensors, where: str = "the checkpoint") -> dict[str, Any]:
+def gpt2_params_from_hf(cfg: ModelConfig, t: TensorSource, where: str = "the checkpoint") -> dict[str, Any]:
     """arlm params from `GPT2LMHeadModel` tensors (Conv1D weights are [in, out]); every tensor must be used."""
     t = _tracked(t)
     prefix = "transformer." if "transformer.wte.weight" in t else ""
@@ -217,15 +269,15 @@ def gpt2_params_from_hf(cfg: ModelConfig, t: Tensors, where: str = "the checkpoi
         full = f"{prefix}h.{i}.{name}"
         return _check_shape(full, t.take(full), shape)
 
-    def qkv(i: int, which: int) -> tuple[np.ndarray, np.ndarray]:
-        w = g(i, "attn.c_attn.weight", (d, 3 * d))[:, which * d:(which + 1) * d]
-        bias = g(i, "attn.c_attn.bias", (3 * d,))[which * d:(which + 1) * d]
-        return w.reshape(d, h, k), bias.reshape(h, k)
+    def qkv(i: int) -> tuple[np.ndarray, ...]:
+        """Layer i's (wq, wk, wv, wq_bias, wk_bias, wv_bias) from its fused c_attn, read once."""
+        w_Dx3D = g(i, "attn.c_attn.weight", (d, 3 * d))
+        b_3D = g(i, "attn.c_attn.bias", (3 * d,))
+        return (*(w_Dx3D[:, j * d:(j + 1) * d].reshape(d, h, k) for j in range(3)),
+                *(b_3D[j * d:(j + 1) * d].reshape(h, k) for j in range(3)))
 
-    attn = {}
-    for which, name in enumerate(("wq", "wk", "wv")):
-        attn[name] = _stack(cfg.n_layers, lambda i: qkv(i, which)[0])
-        attn[name + "_bias"] = _stack(cfg.n_layers, lambda i: qkv(i, which)[1])
+    wq, wk, wv, wq_bias, wk_bias, wv_bias = _stack_many(cfg.n_layers, qkv)
+    attn = {"wq": wq, "wq_bias": wq_bias, "wk": wk, "wk_bias": wk_bias, "wv": wv, "wv_bias": wv_bias}
     attn["wo"] = _stack(cfg.n_layers, lambda i: g(i, "attn.c_proj.weight", (d, d)).reshape(h, k, d))
     attn["wo_bias"] = _stack(cfg.n_layers, lambda i: g(i, "attn.c_proj.bias", (d,)))
 

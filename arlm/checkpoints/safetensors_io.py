@@ -9,6 +9,11 @@ is then read into a fresh array of the validated size (not memory-mapped: a mapp
 checkpoint that is overwritten or truncated later, e.g. by `save_hf` to the same
 directory, would change or crash arrays that are still in use).
 
+`lazy_safetensors` checks every header (and the index) up front and then reads each
+tensor only when it is asked for, while the files are held open, so a loader keeps one
+tensor beside the params it builds; `read_safetensors` and `read_safetensors_file` read
+everything at once.
+
 Dtypes (`DTYPES`): BOOL, U8/I8/U16/I16/U32/I32/U64/I64, F16, BF16, F32, F64 and the
 8-bit floats F8_E4M3 / F8_E5M2 (PyTorch's float8_e4m3fn / float8_e5m2) and their FNUZ
 variants, read through `ml_dtypes`; `np.asarray(x, np.float32)` converts all of them
@@ -22,15 +27,18 @@ file in the directory is read and a tensor name may appear only once.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import sys
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 
 import ml_dtypes
 import numpy as np
 
-from arlm.checkpoints.layout import CheckpointFormatError, Tensors
+from arlm.checkpoints.layout import CheckpointFormatError, LazyTensor, Tensors
 from arlm.checkpoints.paths import checked_file, checkpoint_root, open_regular
 
 MAX_HEADER_BYTES = 100 * 2**20      # real headers are well under 1 MB
@@ -145,6 +153,39 @@ def _read_tensor(f, dtype: str, shape: tuple[int, ...], start: int, n_bytes: int
     return buf.view(target).reshape(shape)
 
 
+@contextlib.contextmanager
+def _errors_name(path: str) -> Iterator[None]:
+    """Defects found while reading `path` become CheckpointFormatErrors that name it."""
+    try:
+        yield
+    except CheckpointFormatError as err:
+        raise CheckpointFormatError(f"{path}: {err}") from None
+    except _Corrupt as err:
+        raise CheckpointFormatError(f"cannot read {path}: truncated or corrupt safetensors ({err})") from None
+    except OSError as err:
+        raise CheckpointFormatError(f"cannot read {path}: {err}") from err
+
+
+def _read_named(f: IO[bytes], path: str, dtype: str, shape: tuple[int, ...], start: int, n_bytes: int,
+                name: str) -> np.ndarray:
+    with _errors_name(path):
+        return _read_tensor(f, dtype, shape, start, n_bytes, name)
+
+
+def _open_file(stack: contextlib.ExitStack, path: str) -> dict[str, LazyTensor]:
+    """The tensors of one safetensors file, header checked now, data read on use while `stack` holds it open."""
+    f = stack.enter_context(open_regular(path, what="safetensors file"))
+    with _errors_name(path):
+        data_start, entries = _parse_header(f, os.fstat(f.fileno()).st_size)
+    return {name: LazyTensor(shape, functools.partial(_read_named, f, path, dtype, shape, data_start + begin,
+                                                      end - begin, name))
+            for name, (dtype, shape, begin, end) in entries.items()}
+
+
+def _read_all(tensors: dict[str, LazyTensor]) -> Tensors:
+    return {name: x.read() for name, x in tensors.items()}
+
+
 def read_safetensors_file(path: str) -> Tensors:
     """All tensors of one safetensors file, header checked first (see the module docstring).
 
@@ -153,18 +194,8 @@ def read_safetensors_file(path: str) -> Tensors:
         ("cannot read PATH: truncated or corrupt safetensors (…)"), or a dtype arlm does
         not load ("tensor X has dtype F8_E8M0, which arlm does not load").
     """
-    with open_regular(path, what="safetensors file") as f:
-        try:
-            file_size = os.fstat(f.fileno()).st_size
-            data_start, entries = _parse_header(f, file_size)
-            return {name: _read_tensor(f, dtype, shape, data_start + begin, end - begin, name)
-                    for name, (dtype, shape, begin, end) in entries.items()}
-        except CheckpointFormatError as err:
-            raise CheckpointFormatError(f"{path}: {err}") from None
-        except _Corrupt as err:
-            raise CheckpointFormatError(f"cannot read {path}: truncated or corrupt safetensors ({err})") from None
-        except OSError as err:
-            raise CheckpointFormatError(f"cannot read {path}: {err}") from err
+    with contextlib.ExitStack() as stack:
+        return _read_all(_open_file(stack, path))
 
 
 def _read_index(path: str) -> dict[str, str]:
@@ -201,18 +232,18 @@ def _listed_file(directory: str, name: str, *, what: str, root: str) -> str:
         raise CheckpointFormatError(f"{what} {os.path.join(directory, name)} is a dangling symlink") from None
 
 
-def _read_indexed(directory: str, root: str) -> Tensors:
+def _open_indexed(stack: contextlib.ExitStack, directory: str, root: str) -> dict[str, LazyTensor]:
     """Tensors of a sharded checkpoint: shards from the index, contents checked against it."""
     index_path = _listed_file(directory, INDEX_NAME, what="safetensors index", root=root)
     weight_map = _read_index(index_path)
     source = f"{index_path} field 'weight_map'"
-    tensors: Tensors = {}
+    tensors: dict[str, LazyTensor] = {}
     for shard in sorted(set(weight_map.values())):
         try:
             path = checked_file(directory, shard, what="safetensors shard", source=source, root=root)
         except FileNotFoundError:
             raise CheckpointFormatError(f"{source} lists {shard}, which is missing from {directory}") from None
-        shard_tensors = read_safetensors_file(path)
+        shard_tensors = _open_file(stack, path)
         expected = {t for t, s in weight_map.items() if s == shard}
         missing, extra = sorted(expected - set(shard_tensors)), sorted(set(shard_tensors) - expected)
         if missing:
@@ -225,26 +256,21 @@ def _read_indexed(directory: str, root: str) -> Tensors:
     return tensors
 
 
-def read_safetensors(directory: str) -> Tensors:
-    """All tensors of a directory's safetensors files (sharded or not), as numpy arrays.
-
-    Only regular files inside the checkpoint are read (`arlm.checkpoints.paths`; a Hugging
-    Face cache snapshot may point into its repository's blobs). Pickled weights
-    (`.bin`, `.pt`) are never opened.
-    """
+def _open_directory(stack: contextlib.ExitStack, directory: str) -> dict[str, LazyTensor]:
+    """Every tensor of a checkpoint directory (checks as in `read_safetensors`), read on use."""
     root = checkpoint_root(directory)
     if os.path.lexists(os.path.join(directory, INDEX_NAME)):
-        return _read_indexed(directory, root)
+        return _open_indexed(stack, directory, root)
     files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
     if not files:
         pickled = [n for n in os.listdir(directory) if n.endswith((".bin", ".pt", ".pth"))]
         hint = " (arlm never unpickles .bin/.pt files; convert them to safetensors)" if pickled else ""
         raise CheckpointFormatError(f"no .safetensors file in {directory}{hint}")
-    tensors: Tensors = {}
+    tensors: dict[str, LazyTensor] = {}
     owner: dict[str, str] = {}
     for name in files:
-        for tensor, x in read_safetensors_file(_listed_file(directory, name, what="safetensors file",
-                                                            root=root)).items():
+        for tensor, x in _open_file(stack, _listed_file(directory, name, what="safetensors file",
+                                                        root=root)).items():
             if tensor in owner:
                 raise CheckpointFormatError(f"tensor {tensor!r} appears in both {owner[tensor]} and {name} "
                                             f"in {directory} (and there is no {INDEX_NAME} to choose)")
@@ -252,4 +278,26 @@ def read_safetensors(directory: str) -> Tensors:
     return tensors
 
 
-__all__ = ["DTYPES", "MAX_HEADER_BYTES", "read_safetensors", "read_safetensors_file"]
+@contextlib.contextmanager
+def lazy_safetensors(directory: str) -> Iterator[dict[str, LazyTensor]]:
+    """A directory's tensors (checks as in `read_safetensors`, all headers first), each read on use.
+
+    The files stay open until the `with` block ends; each `LazyTensor.read()` returns a fresh
+    array, so a loader that drops what it has copied holds one tensor at a time.
+    """
+    with contextlib.ExitStack() as stack:
+        yield _open_directory(stack, directory)
+
+
+def read_safetensors(directory: str) -> Tensors:
+    """All tensors of a directory's safetensors files (sharded or not), as numpy arrays.
+
+    Only regular files inside the checkpoint are read (`arlm.checkpoints.paths`; a Hugging
+    Face cache snapshot may point into its repository's blobs). Pickled weights
+    (`.bin`, `.pt`) are never opened.
+    """
+    with lazy_safetensors(directory) as tensors:
+        return _read_all(tensors)
+
+
+__all__ = ["DTYPES", "MAX_HEADER_BYTES", "lazy_safetensors", "read_safetensors", "read_safetensors_file"]
