@@ -116,6 +116,21 @@ class Transformer(nn.Module):
         """E[x_t] (eq. 1 without positions), float32."""
         return jnp.take(self.embed, tokens_BxT, axis=0)
 
+    def next_token_logits(self, h_BxTxD: Array) -> Array:
+        """Eq. 6 on last-layer states: z_t = W_U FinalNorm(h_t^(L)) (Gemma 2: c·tanh(z / c)), float32 [B, T, V].
+
+        Needs only the head's params (final_norm, embed or unembed), e.g.
+        `Transformer(cfg).apply({"params": head}, h, method=Transformer.next_token_logits)`.
+        """
+        cfg = self.config
+        x = self.final_norm(h_BxTxD)
+        w_unembed = self.embed.T if cfg.tie_embeddings else self.unembed
+        logits_BxTxV = jnp.einsum("btd,dv->btv", x, w_unembed.astype(cfg.compute_dtype),
+                                  preferred_element_type=jnp.float32)   # eq. 6: W_U h_t^(L)
+        if cfg.logit_softcap is not None:                                   # Gemma 2: c·tanh(z / c)
+            logits_BxTxV = cfg.logit_softcap * jnp.tanh(logits_BxTxV / cfg.logit_softcap)
+        return constrain(logits_BxTxV, "batch", None, "vocab")
+
     def __call__(self, embeddings_BxTxD: Array, positions_BxT: Array, mask_BxTxS: Array,
                  kv_cache: tuple[Array, Array] | None = None, cache_index: Array | None = None,
                  kv_positions_BxS: Array | None = None):
@@ -138,13 +153,7 @@ class Transformer(nn.Module):
         (h_L, aux), (hidden_LxBxTxD, probs_LxBxHxTxS, new_cache, sublayers) = self.layers(
             (h0, jnp.zeros((), jnp.float32)), positions_BxT, mask_BxTxS, local_mask, cache_index, kv_cache,
             layer_ids_L)
-        x = self.final_norm(h_L[:, -1:] if self.last_logits_only else h_L)
-        w_unembed = self.embed.T if cfg.tie_embeddings else self.unembed
-        logits_BxTxV = jnp.einsum("btd,dv->btv", x, w_unembed.astype(cfg.compute_dtype),
-                                  preferred_element_type=jnp.float32)   # eq. 6: W_U h_t^(L)
-        if cfg.logit_softcap is not None:                                   # Gemma 2: c·tanh(z / c)
-            logits_BxTxV = cfg.logit_softcap * jnp.tanh(logits_BxTxV / cfg.logit_softcap)
-        logits_BxTxV = constrain(logits_BxTxV, "batch", None, "vocab")
+        logits_BxTxV = self.next_token_logits(h_L[:, -1:] if self.last_logits_only else h_L)
         hidden = jnp.concatenate([h0[None], hidden_LxBxTxD], axis=0)
         if kv_cache is not None:
             return logits_BxTxV, new_cache
