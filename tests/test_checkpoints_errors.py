@@ -457,14 +457,9 @@ def test_gguf_unsupported_tensor_type(tmp_path, qtype):
 
 
 def test_dequantize_refuses_unlisted_types_by_name():
-    class Stub:
-        name = "blk.3.ffn_up.weight"
-        tensor_type = Q.IQ4_NL
-        shape = np.array([32, 2])
-        data = np.zeros((2, 18), np.uint8)
-
+    ref = gguf_file.GGUFTensorRef("blk.3.ffn_up.weight", Q.IQ4_NL, (2, 32), np.dtype(np.uint8), (2, 18), 0)
     with pytest.raises(CheckpointFormatError, match=r"blk\.3\.ffn_up\.weight has unsupported type IQ4_NL; supported: F32"):
-        gguf_file.dequantize(Stub())
+        gguf_file.read_gguf_tensor(None, ref)      # refused before the file is touched
 
 
 @pytest.mark.parametrize("key", ["llama.block_count", "llama.attention.head_count", "llama.embedding_length",

@@ -180,17 +180,6 @@ def _dequantize_raw(name: str, tensor_type: Any, raw: np.ndarray) -> np.ndarray:
         raise CheckpointFormatError(f"cannot de-quantise tensor {name} ({tensor_type.name}): {err}") from err
 
 
-def dequantize(tensor: Any) -> np.ndarray:
-    """One GGUF tensor (a `gguf.ReaderTensor`) as float32 in [out, in] (PyTorch) layout."""
-    kind = _check_supported(tensor.name, tensor.tensor_type)
-    shape = tuple(int(s) for s in reversed(tensor.shape))   # GGUF lists dims fastest-first
-    data = _dequantize_raw(tensor.name, tensor.tensor_type, tensor.data)
-    try:
-        return data.reshape(shape)
-    except ValueError as err:
-        raise CheckpointFormatError(f"cannot de-quantise tensor {tensor.name} ({kind}): {err}") from err
-
-
 def _read_bytes(f: IO[bytes], start: int, n_bytes: int, name: str) -> np.ndarray:
     buf = np.empty(n_bytes, np.uint8)
     f.seek(start)

@@ -119,8 +119,9 @@ class Transformer(nn.Module):
     def next_token_logits(self, h_BxTxD: Array) -> Array:
         """Eq. 6 on last-layer states: z_t = W_U FinalNorm(h_t^(L)) (Gemma 2: c·tanh(z / c)), float32 [B, T, V].
 
-        Needs only the head's params (final_norm, embed or unembed), e.g.
-        `Transformer(cfg).apply({"params": head}, h, method=Transformer.next_token_logits)`.
+        Reads only the head (final_norm, embed or unembed), but the module's setup declares every
+        top-level weight, so pass all params except "layers", e.g.
+        `Transformer(cfg).apply({"params": top_level}, h, method=Transformer.next_token_logits)`.
         """
         cfg = self.config
         x = self.final_norm(h_BxTxD)
