@@ -38,6 +38,21 @@ def weight(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...],
     return module.param(name, nn.with_logical_partitioning(init, axes), shape)
 
 
+def project(x_NxI: Array, w_IxO: Array) -> Array:
+    """x @ W for x [..., I] and a 2-D W [I, O] → [..., O], computed as one [prod(...), I] @ [I, O] matmul.
+
+    The same sums as `x @ W`, but XLA:CPU then runs a plain GEMM forward and backward instead of
+    transposing activations around the dot. Used by the MLP projections: a SmolLM2 4×256 train step on
+    one core (fused/dots/64) took 12.9–13.0 s against 13.9–14.5 s with `x @ W`. Tried on Q/K/V/W_O too,
+    it gained no more and added 7% to the default step's XLA temporaries, so attention keeps its einsums.
+    """
+    if w_IxO.ndim != 2 or x_NxI.shape[-1] != w_IxO.shape[0]:
+        raise ValueError(f"project: x {x_NxI.shape} and W {w_IxO.shape} need x [..., I] and W [I, O]")
+    lead = x_NxI.shape[:-1]
+    y_2d = x_NxI.reshape(math.prod(lead), w_IxO.shape[0]) @ w_IxO
+    return y_2d.reshape(*lead, w_IxO.shape[1])
+
+
 def trailing(v: Array, ndim: int) -> Array:
     """Reshape a per-feature vector/table to broadcast against the trailing axes of an ndim array."""
     return v.reshape((1,) * (ndim - v.ndim) + v.shape)
@@ -112,7 +127,7 @@ def apply_rope(x_BxTxHxK: Array, cos_BxTxK: Array, sin_BxTxK: Array) -> Array:
 def _dense(module: nn.Module, name: str, x: Array, shape: tuple[int, int], axes: tuple[str, str],
            std: float, bias: bool, dtype) -> Array:
     w = weight(module, name, normal_init(std), shape, axes)
-    y = x @ w.astype(dtype)
+    y = project(x, w.astype(dtype))
     if bias:
         out_axis = axes[1] if axes[1] != "embed" else None    # a D-wide bias is never split
         b = weight(module, name + "_bias", nn.initializers.zeros, (shape[1],), (out_axis,))
