@@ -125,17 +125,22 @@ def device_peak_flops(device_kind: str) -> float | None:
     return None
 
 
+def best_seconds(run: Callable[[], Any], repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `run` (which must wait for its result), after one untimed call."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def cpu_gemm_peak(n: int = 1024, repeats: int = 5) -> float:
     """The best float32 FLOP/s of an n×n×n matmul on this machine (compiled once, best of `repeats`)."""
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n ** 3 / best
+    return 2.0 * n ** 3 / best_seconds(lambda: f(a).block_until_ready(), repeats)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,9 +267,11 @@ def _status_kib(field: str) -> int | None:
 
 
 def peak_rss_kib() -> int:
-    """This process's peak resident set (VmHWM; ru_maxrss where /proc is missing), KiB."""
+    """This process's peak resident set (VmHWM; ru_maxrss where /proc is missing: KiB, bytes on macOS), KiB."""
     hwm = _status_kib("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if hwm is not None:
+        return hwm
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // (1024 if sys.platform == "darwin" else 1)
 
 
 def reset_peak_rss() -> int:
@@ -360,12 +367,8 @@ def gemm_ceiling(one_thread: bool, n: int = 2048, repeats: int = 5) -> dict[str,
     if one_thread:
         torch.set_num_threads(1)
     a = torch.ones(n, n)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t0)
-    return {"jax_gemm_flops": cpu_gemm_peak(n, repeats), "torch_gemm_flops": 2.0 * n ** 3 / best}
+    torch_flops = 2.0 * n ** 3 / best_seconds(lambda: a @ a, repeats)
+    return {"jax_gemm_flops": cpu_gemm_peak(n, repeats), "torch_gemm_flops": torch_flops}
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:

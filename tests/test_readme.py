@@ -40,12 +40,15 @@ class Block:
     source: str
     line: int           # line of the opening fence in README.md
     section: str        # the nearest heading above it
-    rank: int           # 1 for the section's first block of any language, 2 for its second, …
+    rank: int           # 1 for the first block of any language under a heading with this slug, 2 …
 
     @property
     def id(self) -> str:
-        slug = re.sub(r"[^a-z0-9]+", "-", self.section.lower()).strip("-")[:40]
-        return f"{slug}-{self.rank}"
+        return f"{_slug(self.section)}-{self.rank}"
+
+
+def _slug(section: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", section.lower()).strip("-")[:40]
 
 
 def _blocks(text: str) -> list[Block]:
@@ -58,7 +61,7 @@ def _blocks(text: str) -> list[Block]:
                 fence = (line[3:].strip(), number, [])
         elif line.startswith("```"):
             language, start, body = fence
-            rank = 1 + sum(b.section == section for b in blocks)
+            rank = 1 + sum(_slug(b.section) == _slug(section) for b in blocks)   # ids stay unique
             blocks.append(Block(language, "\n".join(body) + "\n", start, section, rank))
             fence = None
         else:

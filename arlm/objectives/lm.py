@@ -106,14 +106,11 @@ def chunked_mean_nll(config: ModelConfig, params: Any, h_BxTxD: Array, targets_B
         sums_N = jax.lax.map(lambda xs: chunk_nll_sum(hp, *xs), split(h, targets))
         return jnp.sum(sums_N) / jnp.float32(n_tokens)
 
-    def fwd(hp: dict[str, Any], h: Array, targets: Array) -> tuple[Array, tuple[Any, Array]]:
-        return value_and_grads(hp, h, targets)
-
     def bwd(grads: tuple[Any, Array], g: Array) -> tuple[Any, Array, None]:
         g_hp, g_h = grads
         return jax.tree_util.tree_map(lambda x: (g * x).astype(x.dtype), g_hp), (g * g_h).astype(g_h.dtype), None
 
-    mean_nll.defvjp(fwd, bwd)
+    mean_nll.defvjp(value_and_grads, bwd)     # forward: the value, and its gradients as residuals
     return mean_nll(head_params, h_BxTxD, targets_BxT)
 
 
