@@ -25,6 +25,7 @@ in place and all-reduce D-split activations instead of gathering the weights. Wi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -60,6 +61,14 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: list | None = None) -> Me
                          f"does not match {len(devices)} devices")
     grid = np.asarray(devices).reshape(data, cfg.fsdp, cfg.tensor)
     return Mesh(grid, AXES)
+
+
+def mesh_from_fields(fields: Mapping[str, Any]) -> Mesh:
+    """The mesh of a job config's `mesh` fields (MeshConfig's, plus `num_devices`: the first N devices,
+    0 for all of them)."""
+    fields = dict(fields)
+    n = int(fields.pop("num_devices", 0) or 0)
+    return make_mesh(MeshConfig(**fields), devices=jax.devices()[:n] if n else None)
 
 
 # The one table: logical axis → mesh axes, for weights, activations and the KV cache. Weights

@@ -7,6 +7,14 @@ Writes metrics.jsonl, TensorBoard events, checkpoints, loss_curve.png,
 samples.txt and summary.json into the workdir; rerunning with the same
 workdir resumes from its last checkpoint.
 
+On your data: `--config.data.train=FILE` (text files, one document per line by default, or
+{"text"} / {"messages"} rows in JSONL, JSON, Parquet, …) switches to the user-data job
+(`experiments/configs/pretrain_data.py`, `arlm.jobs.finetune`): from scratch with the tokenizer
+`--config.data.tokenizer=bytes|bpe|MODEL`, or continuing a loaded model with `--config.model=M`:
+
+    python experiments/pretrain.py --config.data.train=FILE [--config.model=smollm2-135m-instruct]
+        [--config.data.max_length=256] [--config.steps=N] [--config.workdir=DIR]
+
 Multi-host: start one copy per process with ARLM_COORDINATOR=host:port (of process 0),
 ARLM_NUM_PROCESSES and ARLM_PROCESS_ID set (or --config.distributed.*); every process
 must see the same workdir (a shared filesystem for the checkpoints).
@@ -16,8 +24,23 @@ import json
 import os
 import sys
 
-from absl import app, logging
-from ml_collections import config_flags
+USER_DATA_FLAGS = ("--config.data.train", "--config.model=")
+
+
+def on_user_data(argv: list[str]) -> bool:
+    """Whether the command line asks for the user-data job (and names no config file of its own)."""
+    return any(a.startswith(USER_DATA_FLAGS) for a in argv) and not any(
+        a == "--config" or a.startswith("--config=") for a in argv)
+
+
+if __name__ == "__main__" and on_user_data(sys.argv[1:]):
+    from _finetune_main import main as _user_data_main
+
+    _user_data_main(__doc__, "pretrain_data")
+    raise SystemExit(0)
+
+from absl import app, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -10,9 +10,10 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_JOBS = {"pretrain": "--config.train.steps=", "align": "--config.methods=", "phenomena": "--config.study=",
-               "pistar": "--config."}
+               "pistar": "--config.", "sft": "--config.data.train=", "dpo": "--config.dpo.variant=",
+               "reward_model": "--config.data.train="}
 OTHER_JOBS = ["chat", "eval_ppl", "generate", "bench_generate", "bench_scaling"]
-QUICK = {"pretrain", "chat"}
+QUICK = {"pretrain", "chat", "sft"}
 
 
 @pytest.mark.parametrize("job", [pytest.param(j, marks=() if j in QUICK else pytest.mark.slow)

@@ -72,6 +72,14 @@ class LoadedModel:
                                    chat_template=chat_template, special_tokens=self.special_tokens, limits=limits,
                                    **kwargs)
 
+    @property
+    def has_generation_blocks(self) -> bool:
+        """Whether the default chat template marks assistant output with ``{% generation %}`` blocks
+        (then `chat_text(..., generation_spans=True)` locates it, as transformers' assistant masks do)."""
+        from arlm.checkpoints.chat import has_generation_blocks
+
+        return has_generation_blocks(self.chat_templates or self.chat_template)
+
     def chat_prompt(self, messages: Sequence[Any], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
         """Token ids of `messages` rendered with the checkpoint's chat template (see `chat_text`)."""
         return self.tokenizer.encode(self.chat_text(messages, add_generation_prompt, **kwargs))
@@ -134,7 +142,7 @@ def resolve(name_or_path: str) -> str:
     return name_or_path
 
 
-def load(name_or_path: str, *, dtype: str | None = None) -> LoadedModel:
+def load(name_or_path: str, *, dtype: str | None = None, weights: bool = True) -> LoadedModel:
     """Load a GGUF file, a Hugging Face directory, or a named model into arlm.
 
     Args:
@@ -142,15 +150,17 @@ def load(name_or_path: str, *, dtype: str | None = None) -> LoadedModel:
         config.json + safetensors (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3 or GPT-2; see
         `arlm.checkpoints.hf_config`).
       dtype: optional compute dtype ("float32" or "bfloat16"); params stay float32.
+      weights: False reads only the config, tokenizer and chat template (params is None): what
+        tokenizing a dataset needs, in a fraction of a second.
     """
     from arlm.checkpoints.gguf_file import load_gguf
 
     path = resolve(name_or_path)
     if os.path.isdir(path):
-        config, params, architecture = load_hf_dir(path)
+        config, params, architecture = load_hf_dir(path, weights=weights)
         side = load_tokenizer_side(path)
     else:
-        config, params, tokenizer, template, architecture = load_gguf(path)
+        config, params, tokenizer, template, architecture = load_gguf(path, weights=weights)
         side = TokenizerSide.from_tokenizer(tokenizer, template)
     if dtype is not None:
         config = config.replace(dtype=dtype)

@@ -18,6 +18,7 @@ recurses without end or builds a huge string raises `ChatTemplateLimitError`.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -146,7 +147,7 @@ def apply_chat_template(template: str | Mapping[str, str] | None, messages: Sequ
                         add_generation_prompt: bool = True, tools: Sequence[Mapping[str, Any]] | None = None,
                         documents: Sequence[Mapping[str, Any]] | None = None, chat_template: str | None = None,
                         special_tokens: Mapping[str, str] | None = None, limits: RenderLimits | None = None,
-                        **kwargs: Any) -> str:
+                        generation_spans: bool = False, **kwargs: Any) -> str | tuple[str, list[tuple[int, int]]]:
     """The prompt text for `messages`, exactly as `tokenizer.apply_chat_template(..., tokenize=False)`.
 
     Args:
@@ -159,6 +160,9 @@ def apply_chat_template(template: str | Mapping[str, str] | None, messages: Sequ
       special_tokens: the tokenizer's named special tokens ({"bos_token": ..., "eos_token": ...}),
         passed to the template as variables, as transformers does.
       limits: `RenderLimits` (default `DEFAULT_LIMITS`).
+      generation_spans: also return the character spans of the template's ``{% generation %}``
+        blocks, (text, [(start, end), …]), from which transformers builds its assistant-token mask
+        (`return_assistant_tokens_mask=True`; see `arlm.data.tokenize`).
       **kwargs: further template variables (e.g. enable_thinking=False, date_string=...).
 
     Raises:
@@ -172,8 +176,17 @@ def apply_chat_template(template: str | Mapping[str, str] | None, messages: Sequ
                          documents=_plain_documents(documents), add_generation_prompt=add_generation_prompt)
     except RecursionError as err:
         raise ChatTemplateError("chat messages / tools are nested too deeply") from err
-    return render_template(source, variables, limits)
+    return render_template(source, variables, limits, generation_spans=generation_spans)
+
+
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def has_generation_blocks(template: str | Mapping[str, str] | None, chat_template: str | None = None) -> bool:
+    """Whether the template that `apply_chat_template` would render marks assistant output with
+    ``{% generation %}`` blocks."""
+    return bool(_GENERATION_TAG.search(select_chat_template(template, chat_template)))
 
 
 __all__ = ["ChatTemplateError", "ChatTemplateLimitError", "DEFAULT_CHAT_TEMPLATE", "DEFAULT_LIMITS", "RenderLimits",
-           "apply_chat_template", "normalize_messages", "render_template", "select_chat_template"]
+           "apply_chat_template", "has_generation_blocks", "normalize_messages", "render_template", "select_chat_template"]

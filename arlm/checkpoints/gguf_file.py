@@ -253,9 +253,9 @@ def gguf_tensors_as_hf(f: IO[bytes], refs: list[GGUFTensorRef], cfg: ModelConfig
     return out
 
 
-def load_gguf(path: str) -> tuple[ModelConfig, dict[str, Any], Any, str | None, str]:
+def load_gguf(path: str, *, weights: bool = True) -> tuple[ModelConfig, dict[str, Any] | None, Any, str | None, str]:
     """(config, params, tokenizer, chat_template, Hugging Face model_type) from a llama / qwen2 / qwen3 /
-    phi3 GGUF file."""
+    phi3 GGUF file (params None without `weights`: no tensor is read)."""
     from arlm.checkpoints.hf_config import FAMILIES
 
     from arlm.checkpoints.paths import open_regular
@@ -265,6 +265,8 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict[str, Any], Any, str | None, 
     arch = architecture(reader)
     tokenizer = tokenizer_from_gguf(reader)
     template = field(reader, "tokenizer.chat_template")
+    if not weights:
+        return cfg, None, tokenizer, template, ARCHITECTURES[arch][0]
     refs = [GGUFTensorRef.from_reader(t) for t in reader.tensors]
     del reader          # its metadata objects go before the weights arrive (see the module docstring)
     layout = FAMILIES[ARCHITECTURES[arch][0]].layout

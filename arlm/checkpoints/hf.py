@@ -21,8 +21,9 @@ from arlm.checkpoints.safetensors_io import lazy_safetensors
 from arlm.config import ModelConfig
 
 
-def load_hf_dir(directory: str) -> tuple[ModelConfig, dict[str, Any], str]:
-    """(config, params, model_type) from a local Hugging Face checkpoint directory."""
+def load_hf_dir(directory: str, *, weights: bool = True) -> tuple[ModelConfig, dict[str, Any] | None, str]:
+    """(config, params, model_type) from a local Hugging Face checkpoint directory (params None
+    without `weights`: the config alone)."""
     try:
         cfg_path = checked_file(directory, "config.json", what="config.json")
     except FileNotFoundError:
@@ -33,6 +34,8 @@ def load_hf_dir(directory: str) -> tuple[ModelConfig, dict[str, Any], str]:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointFormatError(f"{cfg_path} is not valid JSON ({err})") from err
     cfg, family = config_from_hf(hf_cfg, cfg_path)
+    if not weights:
+        return cfg, None, family.model_type
     where = f"{directory} (model_type {family.model_type})"
     with lazy_safetensors(directory) as tensors:    # each tensor read when its leaf is built, then dropped
         if family.layout is None:

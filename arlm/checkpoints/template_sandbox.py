@@ -600,8 +600,27 @@ def _capped_lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100)
     return generate_lorem_ipsum(n=n, html=html, min=min, max=max)
 
 
+class _GenerationSpans:
+    """While `render_template(..., generation_spans=True)` runs: the characters emitted so far and
+    the (start, end) character span of every ``{% generation %}`` block's output."""
+
+    __slots__ = ("emitted", "spans")
+
+    def __init__(self) -> None:
+        self.emitted = 0
+        self.spans: list[tuple[int, int]] = []
+
+
+_SPANS: contextvars.ContextVar[_GenerationSpans | None] = contextvars.ContextVar("arlm_generation_spans",
+                                                                                  default=None)
+
+
 class _GenerationTag(jinja2.ext.Extension):
-    """``{% generation %}…{% endgeneration %}``: renders its body (transformers uses it for assistant masks)."""
+    """``{% generation %}…{% endgeneration %}``: renders its body and, when spans are asked for, records
+    where that body lands in the output (what transformers' assistant-token masks are made of).
+
+    The output is streamed, so when a block is reached every piece before it has been emitted: its
+    start is the count of characters emitted so far."""
 
     tags = {"generation"}
 
@@ -611,7 +630,11 @@ class _GenerationTag(jinja2.ext.Extension):
         return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
 
     def _render(self, caller: Callable[[], str]) -> str:
-        return caller()
+        body = caller()
+        tracker = _SPANS.get()
+        if tracker is not None:
+            tracker.spans.append((tracker.emitted, tracker.emitted + len(body)))
+        return body
 
 
 class _BoundedEnvironment(ImmutableSandboxedEnvironment):
@@ -703,13 +726,21 @@ def _compile(source: str) -> jinja2.Template:
     return _environment().from_string(source)
 
 
-def render_template(source: str, variables: Mapping[str, Any], limits: RenderLimits | None = None) -> str:
-    """Compile (cached) and render a template with `variables`, within `limits`; errors are ChatTemplateError."""
+def render_template(source: str, variables: Mapping[str, Any], limits: RenderLimits | None = None, *,
+                    generation_spans: bool = False) -> str | tuple[str, list[tuple[int, int]]]:
+    """Compile (cached) and render a template with `variables`, within `limits`; errors are ChatTemplateError.
+
+    With `generation_spans`, returns (text, spans): the (start, end) character offsets in text of
+    each ``{% generation %}`` block's output, as transformers computes them for
+    `apply_chat_template(..., return_assistant_tokens_mask=True)`.
+    """
     if not isinstance(source, str):
         raise ChatTemplateError(f"a chat template must be a string, got {type(source).__name__}")
     limits = limits or DEFAULT_LIMITS
     budget = _Budget(limits)
     token = _BUDGET.set(budget)
+    tracker = _GenerationSpans() if generation_spans else None
+    spans_token = _SPANS.set(tracker)
     try:
         template = _compile(source)
         pieces, n = [], 0
@@ -720,7 +751,10 @@ def render_template(source: str, variables: Mapping[str, Any], limits: RenderLim
                                              "characters")
             budget.step()
             pieces.append(piece)
-        return "".join(pieces)
+            if tracker is not None:
+                tracker.emitted = n
+        text = "".join(pieces)
+        return (text, tracker.spans) if tracker is not None else text
     except ChatTemplateError:
         raise
     except jinja2.TemplateSyntaxError as err:
@@ -736,6 +770,7 @@ def render_template(source: str, variables: Mapping[str, Any], limits: RenderLim
     except Exception as err:
         raise ChatTemplateError(f"chat template failed: {type(err).__name__}: {err}") from err
     finally:
+        _SPANS.reset(spans_token)
         _BUDGET.reset(token)
 
 

@@ -42,6 +42,8 @@ __all__ = [
     "window_to_example",
     "make_train_dataset",
     "make_train_iterator",
+    "shuffled_batches",
+    "iterate",
     "iterator_state_to_json",
     "restore_iterator",
     "val_batches",
@@ -183,7 +185,7 @@ def make_train_dataset(
 ) -> grain.MapDataset:
     """Infinite, shuffled, batched training ``grain.MapDataset``.
 
-    ``MapDataset.source(WindowSource).shuffle(seed).repeat().map(split).batch(B)``.
+    ``MapDataset.source(WindowSource).map(split)``, then `shuffled_batches`.
     Element ``k`` is batch ``k`` of the stream (random access; e.g.
     ``ds[k::num_hosts]`` for per-host sharding).
 
@@ -199,25 +201,37 @@ def make_train_dataset(
     Returns:
       Dataset whose elements are ``{"inputs": int32[B/n, T], "targets": int32[B/n, T]}``.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if process_count < 1 or not 0 <= process_index < process_count or batch_size % process_count:
-        raise ValueError(f"process {process_index} of {process_count} cannot take an equal share of a batch "
-                         f"of {batch_size}")
     source = WindowSource(tokens_N, seq_len)
     if len(source) == 0:
         raise ValueError(
             f"Not enough tokens ({np.asarray(tokens_N).shape[0]}) for one window of "
             f"seq_len + 1 = {seq_len + 1}."
         )
-    local = (
-        grain.MapDataset.source(source)
-        .shuffle(seed=seed)
-        .repeat()
-        .map(window_to_example)
-        .batch(batch_size // process_count, drop_remainder=True)
-    )
+    return shuffled_batches(grain.MapDataset.source(source).map(window_to_example), batch_size, seed,
+                            process_index=process_index, process_count=process_count)
+
+
+def shuffled_batches(examples: grain.MapDataset, batch_size: int, seed: int, *, process_index: int = 0,
+                     process_count: int = 1) -> grain.MapDataset:
+    """Every epoch a fresh seeded shuffle of `examples`, batched: element k is batch k of the stream.
+
+    In a multi-host run process p of n takes rows [p·B/n, (p+1)·B/n) of every global batch: disjoint
+    shards that together cover the data, and exactly the rows its devices hold when the batch is split
+    over the mesh's data axes. Shared by the bundled corpus and by a researcher's data (`arlm.data.loader`).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if process_count < 1 or not 0 <= process_index < process_count or batch_size % process_count:
+        raise ValueError(f"process {process_index} of {process_count} cannot take an equal share of a batch "
+                         f"of {batch_size}")
+    local = examples.shuffle(seed=seed).repeat().batch(batch_size // process_count, drop_remainder=True)
     return local if process_count == 1 else local[process_index::process_count]
+
+
+def iterate(ds: grain.MapDataset, *, num_threads: int = 0, prefetch_buffer_size: int = 16) -> grain.DatasetIterator:
+    """A checkpointable iterator over `ds` (`iterator_state_to_json` / `restore_iterator`)."""
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                     prefetch_buffer_size=prefetch_buffer_size)))
 
 
 def make_train_iterator(
@@ -251,10 +265,7 @@ def make_train_iterator(
     """
     ds = make_train_dataset(tokens_N, seq_len, batch_size, seed, process_index=process_index,
                             process_count=process_count)
-    read_options = grain.ReadOptions(
-        num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size
-    )
-    return iter(ds.to_iter_dataset(read_options))
+    return iterate(ds, num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
 
 
 def _to_jsonable(obj: Any) -> Any:

@@ -91,6 +91,11 @@ class Tokenizer(abc.ABC):
         """Encodes several texts; equivalent to ``[encode(t) for t in texts]``."""
         return [self.encode(t) for t in texts]
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``encode(text)`` and, for each id, the (start, end) character span of ``text`` it covers
+        (what transformers' ``offset_mapping`` gives; chat-template masks are built from it)."""
+        raise NotImplementedError(f"{type(self).__name__} gives no character offsets")
+
     def decode(self, ids: Sequence[int]) -> str:
         """Decodes ids to text.
 
@@ -141,6 +146,14 @@ class ByteTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids, offsets = [], []
+        for i, ch in enumerate(text):
+            b = ch.encode("utf-8")
+            ids.extend(b)
+            offsets.extend([(i, i + 1)] * len(b))
+        return ids, offsets
 
     def _decode_unchecked(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -251,6 +264,10 @@ class BPETokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         encs = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
         return [e.ids for e in encs]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return enc.ids, [tuple(o) for o in enc.offsets]
 
     def _decode_unchecked(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)

@@ -43,7 +43,7 @@ from arlm.objectives.heads import init_reward_model, reward_model_scores
 from arlm.alignment import methods
 from arlm.objectives.kl_regularized import KLObjective, preference_rows
 from arlm.objectives.preference import bradley_terry_loss
-from arlm.sharding import MeshConfig, batch_sharding, make_mesh
+from arlm.sharding import MeshConfig, batch_sharding, mesh_from_fields
 from arlm.model.lora import LoraConfig
 from arlm.train.metrics import MetricsWriter
 from arlm.train.state import state_from_params
@@ -125,9 +125,7 @@ def _bar(cfg: ml_collections.ConfigDict, total: int, desc: str):
 
 def _mesh(cfg: ml_collections.ConfigDict):
     """The mesh of `cfg.mesh` over the first `cfg.mesh.num_devices` devices (0: all of them)."""
-    fields = cfg.mesh.to_dict()
-    n = fields.pop("num_devices", 0)
-    return make_mesh(MeshConfig(**fields), devices=jax.devices()[:n] if n else None)
+    return mesh_from_fields(cfg.mesh.to_dict())
 
 
 # The job's methods: (registry method, fixed options); the reward source is in the name.

@@ -168,7 +168,9 @@ def write_samples(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokeni
     return texts
 
 
-def plot_loss_curve(metrics_path: str, out_png: str, *, unigram: float | None = None) -> None:
+def plot_loss_curve(metrics_path: str, out_png: str, *, unigram: float | None = None,
+                    title: str = "Pretraining on the bundled corpus (eq. 7)",
+                    ylabel: str = "cross-entropy (nats/token)") -> None:
     """Train and validation loss against step, with the unigram baseline as a line."""
     import matplotlib
     matplotlib.use("Agg")
@@ -183,8 +185,8 @@ def plot_loss_curve(metrics_path: str, out_png: str, *, unigram: float | None = 
     if unigram is not None and math.isfinite(unigram):
         ax.axhline(unigram, color="gray", linestyle="--", label=f"unigram baseline ({unigram:.2f})")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("Pretraining on the bundled corpus (eq. 7)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -8,6 +8,8 @@ A *sequence batch* is a dict of arrays, all [B, T] with T = P + N:
     positions     int32  0 at each row's first real token (padding does not shift positions)
     attention     bool   real tokens (prompt and response up to its length)
     response_mask f32    1 on the response tokens that the objective scores
+    segment_ids   int32  (optional, packed rows) which example each token belongs to; attention
+                         never crosses a segment and positions restart at each (`arlm.data.packing`)
 
 This is the layout `arlm.generate` samples in, so the trainer reads a rollout exactly as the
 sampler produced it; `sequence_batch` builds it from left-padded prompts and responses (numpy in,
@@ -96,8 +98,10 @@ def policy_outputs(config: ModelConfig, params: Any, batch: Batch, *, logits: bo
                    hidden: bool = False) -> PolicyOutputs:
     """One forward pass over a sequence batch: per-token log-probs of the response (float32)."""
     tokens = batch["tokens"]
+    segments = batch.get("segment_ids")
     out = apply_model(config, params, tokens[:, :-1], positions=batch["positions"][:, :-1],
-                      attention_mask=batch["attention"][:, :-1], return_hidden=hidden)
+                      attention_mask=batch["attention"][:, :-1], return_hidden=hidden,
+                      segment_ids=None if segments is None else segments[:, :-1])
     mask_BxT = batch["response_mask"][:, 1:].astype(jnp.float32)
     logp_BxT = token_log_probs(out.logits_BxTxV, tokens[:, 1:]) * mask_BxT
     return PolicyOutputs(logp_BxT, mask_BxT, out.logits_BxTxV if logits else None,

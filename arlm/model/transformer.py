@@ -236,6 +236,7 @@ def apply_model(
     embeddings: Array | None = None,
     positions: Array | None = None,
     attention_mask: Array | None = None,
+    segment_ids: Array | None = None,
     return_hidden: bool = False,
     return_attention: bool = False,
     return_sublayers: bool = False,
@@ -250,6 +251,9 @@ def apply_model(
       positions: int positions [B, T]; default 0..T-1. All must be < Δ.
       attention_mask: optional bool [B, T] marking real (non-pad) tokens; keys
         at pad positions are never attended to.
+      segment_ids: optional int [B, T] for packed rows (`arlm.data.packing`): token t attends to
+        key s only when both carry the same id, so no attention crosses a segment (with positions
+        restarting at 0 in each segment, a packed row computes what its segments would alone).
       return_hidden / return_attention: also return h^(ℓ) and α(t,s).
       return_sublayers: also return each layer's attention and FFN outputs.
       return_moe_stats: also return each layer's dropped fraction under routed experts.
@@ -278,6 +282,10 @@ def apply_model(
         if attention_mask.shape != (b, t):
             raise ValueError(f"attention_mask must have shape {(b, t)}, got {attention_mask.shape}")
         mask_BxTxS = mask_BxTxS & attention_mask.astype(bool)[:, None, :]
+    if segment_ids is not None:
+        if segment_ids.shape != (b, t):
+            raise ValueError(f"segment_ids must have shape {(b, t)}, got {segment_ids.shape}")
+        mask_BxTxS = mask_BxTxS & same_segment(segment_ids)
     module = Transformer(config, return_attention=return_attention, return_sublayers=return_sublayers)
     dropped = None
     if return_moe_stats and config.n_experts and config.moe_impl == "routed":
@@ -288,6 +296,11 @@ def apply_model(
     logits, hidden, probs, aux, sublayers = outputs
     attn_out, mlp_out = sublayers if return_sublayers else (None, None)
     return ModelOutput(logits, hidden if return_hidden else None, probs, aux, attn_out, mlp_out, dropped)
+
+
+def same_segment(segment_ids_BxT: Array) -> Array:
+    """[B, T, T] True where query t and key s lie in the same packed segment."""
+    return segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
 
 
 def forward(config: ModelConfig, params: Params, tokens: Array | None = None, **kwargs: Any) -> Array:

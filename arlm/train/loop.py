@@ -131,7 +131,7 @@ def _loop(state, train_step, train_iter, put_batch, cfg, bar, start_step, end_st
     steady_tokens = 0
     for step in range(start_step, end_step):
         batch = next(train_iter)
-        n_batch_tokens = int(np.prod(batch["inputs"].shape))
+        n_batch_tokens = batch_tokens(batch)
         tokens += n_batch_tokens
         state, metrics = train_step(state, put_batch(batch))
         if t_steady is None:
@@ -180,6 +180,14 @@ def _loop(state, train_step, train_iter, put_batch, cfg, bar, start_step, end_st
     return LoopResult(state, tokens, t_end - t0, last_eval, None,
                       steady_tokens / steady if steady > 0 else float("nan"),
                       interrupted=interrupted)
+
+
+def batch_tokens(batch: Batch) -> int:
+    """The tokens a batch trains on: every input of a token batch, the real (attended) tokens of a
+    sequence batch, so padding does not count (packed and padded rows compare fairly)."""
+    if "inputs" in batch:
+        return int(np.prod(batch["inputs"].shape))
+    return int(np.sum(batch["attention"]))
 
 
 def _stop_requested(signals: list[str], done: int, end_step: int, cfg: LoopConfig) -> bool:
