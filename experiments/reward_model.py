@@ -5,7 +5,7 @@ start model's last hidden state, trained so that r_φ(x, chosen) > r_φ(x, rejec
         [--config.steps=N] [--config.workdir=DIR]
 
 summary.json reports the held-out pair accuracy and loss before and after; DIR/reward_model/ holds
-the backbone (Hugging Face format) and reward_head.safetensors (`arlm.jobs.finetune.load_reward_model`).
+backbone/ (Hugging Face format) and head.safetensors (`arlm.jobs.finetune.load_reward_model`).
 """
 
 from _finetune_main import main

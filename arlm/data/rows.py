@@ -23,6 +23,7 @@ on-disk token store; grain shuffles and batches from there (`arlm.data.loader`).
 
 from __future__ import annotations
 
+import copy
 import glob
 import json
 import math
@@ -49,12 +50,20 @@ class RowError(ValueError):
     def __init__(self, message: str, *, where: str | None = None, field: str | None = None,
                  reason: str = "invalid") -> None:
         self.where, self.field, self.reason, self.detail = where, field, reason, message
-        parts = [p for p in (where, f"field {field!r}" if field else None) if p]
-        super().__init__(f"{', '.join(parts)}: {message}" if parts else message)
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        parts = [p for p in (self.where, f"field {self.field!r}" if self.field else None) if p]
+        return f"{', '.join(parts)}: {self.detail}" if parts else self.detail
 
     def at(self, where: str) -> "RowError":
-        """The same error, located at `where` (if it was not located yet)."""
-        return self if self.where else RowError(self.detail, where=where, field=self.field, reason=self.reason)
+        """The same error (same class), located at `where` if it was not located yet."""
+        if self.where:
+            return self
+        located = copy.copy(self)
+        located.where = where
+        located.args = (located._text(),)
+        return located
 
 
 class RowSource(Sequence):
@@ -480,6 +489,6 @@ def read_rows(data: Any, *, weights: Sequence[float] | None = None, text_per: st
     if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
         if weights is not None:
             raise ValueError("weights= mixes several files; a sequence of rows is one source")
-        return SequenceSource(data, name=type(data).__name__)
+        return SequenceSource(data, name="rows" if isinstance(data, (list, tuple)) else type(data).__name__)
     raise TypeError(f"cannot read rows from {type(data).__name__}: give a path, a glob, a list of paths, "
                     "or a sequence of dicts")

@@ -212,7 +212,8 @@ def sequence_tokens(codec: TextCodec, ex: Example,
     kept = [(i, m) for i, m in pieces if m.any()]
     if not kept:
         raise RowError("no token left to learn from (an empty completion, or truncation cut it away)",
-                       field="completion" if fmt.kind == "prompt_completion" else None, reason="no_target_tokens")
+                       field="completion" if fmt.kind == "prompt_completion" else
+                       "messages" if fmt.conversational else None, reason="no_target_tokens")
     return kept, ids_N.size > cfg.max_length
 
 

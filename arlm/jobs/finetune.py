@@ -14,7 +14,7 @@ model's tokenizer and chat template (`arlm.data.tokenize`) → a token store on 
 checkpoints holding the data position (a rerun with the same workdir resumes exactly), and a
 held-out evaluation before and after. Outputs in the workdir: summary.json, loss.png,
 metrics.jsonl, tensorboard/, checkpoints/, data/ (the token stores), model/ (Hugging Face format,
-any LoRA adapter merged), adapter/ (PEFT's format, with LoRA), reward_model/ (the reward job),
+any LoRA adapter merged), adapter/ (PEFT's format, with LoRA), reward_model/ (the reward job: backbone/ and head.safetensors),
 samples_before.jsonl / samples_after.jsonl (with `eval.generate`).
 
 Job → method of the registry (`arlm.alignment.methods`): pretrain and sft → "sft" (eq. 8; pretraining
@@ -47,7 +47,7 @@ from arlm.data.formats import CANONICAL, ColumnMap, detect_format, normalize
 from arlm.data.loader import PairRows, SequenceRows, fixed_batches, row_length, train_batches
 from arlm.data.rows import RowError, read_rows
 from arlm.data.store import TokenStore, build_store
-from arlm.data.tokenize import TextCodec, TokenizeConfig, prompt_tokens
+from arlm.data.tokenize import DataReport, TextCodec, TokenizeConfig, prompt_tokens
 from arlm.model.lora import LoraConfig
 from arlm.objectives.heads import init_reward_model, reward_model_scores
 from arlm.objectives.kl_regularized import preference_rows
@@ -197,7 +197,11 @@ def _held_out(store: TokenStore, fraction: float) -> tuple[TokenStore, TokenStor
     is_eval = (store.rows % k) == (k - 1)
     if not is_eval.any():
         is_eval[-1] = True
-    return store.subset(np.flatnonzero(~is_eval)), store.subset(np.flatnonzero(is_eval))
+    held = store.subset(np.flatnonzero(is_eval))
+    # the file's report (every row read, skipped or kept) stays with train; eval's counts its own examples
+    held.report = DataReport(rows=int(np.unique(held.rows).size), kept=int(np.unique(held.rows).size),
+                             examples=len(held), format=store.report.format)
+    return store.subset(np.flatnonzero(~is_eval)), held
 
 
 def _overlap(train: TokenStore, evals: TokenStore) -> float:
@@ -342,7 +346,8 @@ class _Trainable:
         losses = dpo_loss(jnp.asarray(margin), self.cfg.beta, self.cfg.dpo.variant, self.cfg.dpo.label_smoothing)
         return {"loss": float(np.mean(np.asarray(losses))), "accuracy": float(np.mean(margin > 0)),
                 "margin": float(np.mean(margin)), "reward_margin": float(self.cfg.beta * np.mean(margin)),
-                "logp_accuracy": float(np.mean(logp[:, 0] > logp[:, 1]))}
+                "logp_accuracy": float(np.mean(logp[:, 0] > logp[:, 1])),
+                "ref_logp_chosen": float(np.mean(ref[:, 0]))}          # π_ref's own log-prob: must never move
 
 
 def _mesh_cfg(cfg: ml_collections.ConfigDict):
@@ -477,7 +482,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     state = result.state
     summary: dict[str, Any] = {
         "job": cfg.job, "model": model.name, "method": job.method or "bradley_terry (eq. 11)",
-        "steps": int(state.step), "resumed_from": result.resumed_from, "interrupted": result.interrupted,
+        "steps": int(state.step), "complete": int(state.step) == cfg.steps, "resumed_from": result.resumed_from, "interrupted": result.interrupted,
         "tokens": int(result.train_tokens), "train_tokens_per_second": result.steady_tokens_per_second,
         "lora": None if trainable.lora is None else dataclasses.asdict(trainable.lora),
         "data": {"train": data["train"].report.to_json(), "eval": data["eval"].report.to_json(),
@@ -525,10 +530,10 @@ def _save(cfg: ml_collections.ConfigDict, model: StartModel, trainable: _Trainab
     host = jax.device_get(params)
     if trainable.objective is None:                              # the reward model: backbone + head
         directory = os.path.join(cfg.workdir, "reward_model")
-        _save_model(directory, model, host["backbone"])
+        _save_model(os.path.join(directory, "backbone"), model, host["backbone"])
         from safetensors.numpy import save_file
         save_file({k: np.asarray(v, np.float32).reshape(-1) for k, v in host["head"].items()},
-                  os.path.join(directory, "reward_head.safetensors"))
+                  os.path.join(directory, "head.safetensors"))
         saved["reward_model"] = directory
         return saved
     merged = jax.device_get(trainable.model_params(params))
@@ -556,8 +561,8 @@ def load_reward_model(directory: str) -> tuple[ModelConfig, dict[str, Any]]:
 
     from arlm.checkpoints.hf import load_hf_dir
 
-    config, backbone, _ = load_hf_dir(directory)
-    head = load_file(os.path.join(directory, "reward_head.safetensors"))
+    config, backbone, _ = load_hf_dir(os.path.join(directory, "backbone"))
+    head = load_file(os.path.join(directory, "head.safetensors"))
     return config, {"backbone": backbone, "head": {"w": head["w"], "b": head["b"].reshape(())}}
 
 
