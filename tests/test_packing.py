@@ -113,3 +113,18 @@ def test_changing_one_segment_leaves_the_others_bitwise_unchanged(impl):
     np.testing.assert_allclose(a[seg == 3], alone, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="segment_ids must have shape"):
         arlm.forward(config, params, jnp.asarray(row["tokens"])[None], segment_ids=jnp.zeros((1, 3), jnp.int32))
+
+
+def test_bench_packing_measures_both_layouts_side_by_side():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "bench_packing.py")
+    spec = importlib.util.spec_from_file_location("bench_packing", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = bench.measure(examples=48, max_length=64, batch=4, steps=2, repeats=1, d_model=16, layers=1)
+    assert r["packed"]["padding_fraction"] < r["padded"]["padding_fraction"]
+    assert r["packed"]["rows"] < r["padded"]["rows"] == 48
+    assert r["packed_over_padded_tokens_per_second"] == pytest.approx(
+        r["packed"]["real_tokens_per_second"] / r["padded"]["real_tokens_per_second"])

@@ -319,19 +319,20 @@ class _Trainable:
             return params["backbone"]
         return self.objective.policy.model_params(params, self.frozen)
 
-    def _eval_batch(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def _eval_batch(self, params: Any, frozen: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Per-batch evaluation sums; the frozen weights are an argument (never constants of the program)."""
         if self.objective is None:
             return {"scores_Bx2": reward_model_scores(self.model.config, params, preference_rows(batch)).reshape(-1, 2)}
         if JOBS[self.cfg.job].task == "sequences":
-            nll, m = response_nll(self.objective.policy.outputs(params, self.frozen, batch))
+            nll, m = response_nll(self.objective.policy.outputs(params, frozen, batch))
             return {"nll_sum": nll * m["tokens"], "tokens": m["tokens"]}
         rows = preference_rows(batch)
-        logp = self.objective.policy.outputs(params, self.frozen, rows).sequence_logp().reshape(-1, 2)
-        ref = self.objective.policy.reference_outputs(self.frozen, rows).sequence_logp().reshape(-1, 2)
+        logp = self.objective.policy.outputs(params, frozen, rows).sequence_logp().reshape(-1, 2)
+        ref = self.objective.policy.reference_outputs(frozen, rows).sequence_logp().reshape(-1, 2)
         return {"logp_Bx2": logp, "ref_Bx2": ref}
 
     def evaluate(self, params: Any, batches: list[dict[str, jax.Array]], n_rows: int) -> dict[str, float]:
-        outs = jax.device_get([self._eval(params, b) for b in batches])
+        outs = jax.device_get([self._eval(params, self.frozen, b) for b in batches])
         if "nll_sum" in outs[0]:
             tokens = float(sum(o["tokens"] for o in outs))
             loss = float(sum(o["nll_sum"] for o in outs)) / max(tokens, 1.0)
@@ -434,6 +435,14 @@ def _data_spec(spec: str, cfg: ml_collections.ConfigDict) -> Any:
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Train, evaluate before and after, checkpoint, save and report; returns summary.json's contents."""
     wall0 = time.perf_counter()
+    phases: dict[str, float] = {}
+    mark = [wall0]
+
+    def phase(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = round(now - mark[0], 2)
+        mark[0] = now
+
     cfg = config
     if cfg.job not in JOBS:
         raise ValueError(f"unknown job {cfg.job!r}; expected one of {sorted(JOBS)}")
@@ -442,7 +451,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     os.makedirs(cfg.workdir, exist_ok=True)
     train_source = _data_spec(cfg.data.train, cfg)
     model = start_model(cfg, train_source)
+    phase("load_model")
     data = prepare_data(cfg, model, train_source)
+    phase("tokenize")
     mesh = mesh_from_fields(cfg.mesh.to_dict())
     trainable = _Trainable(cfg, model, mesh)
 
@@ -454,10 +465,12 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         return trainable.evaluate(state.params, eval_batches, n_eval)
 
     before = evaluate(trainable.state)
+    phase("eval_before")
     prompts = _eval_prompts(cfg, model, read_rows(cfg.data.eval, text_per=cfg.data.text_per) if cfg.data.eval
                             else train_source, cfg.eval.generate) if cfg.eval.generate else []
     gen_before = _generation_eval(cfg, model, trainable.model_params(trainable.state.params), prompts,
                                   os.path.join(cfg.workdir, "samples_before.jsonl")) if prompts and main else None
+    phase("generate_before")
 
     train_iter = pipeline.iterate(train_batches(data["train_rows"], cfg.batch_size, cfg.seed,
                                                 process_index=jax.process_index(), process_count=jax.process_count()))
@@ -479,6 +492,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         if writer is not None:
             writer.close()
         checkpointer.close()
+    phase("train")
     state = result.state
     summary: dict[str, Any] = {
         "job": cfg.job, "model": model.name, "method": job.method or "bradley_terry (eq. 11)",
@@ -511,14 +525,17 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                      os.path.join(cfg.workdir, "samples_after.jsonl"))
         for k in gen_after:
             summary[f"eval_{k}_before"], summary[f"eval_{k}_after"] = gen_before[k], gen_after[k]
+        phase("generate_after")
     if cfg.save:
         summary["saved"] = _save(cfg, model, trainable, params)
+        phase("save")
     from arlm.jobs.pretrain import plot_loss_curve
     plot_loss_curve(os.path.join(cfg.workdir, "metrics.jsonl"), os.path.join(cfg.workdir, "loss.png"),
                     title=f"{cfg.job} on {cfg.data.train} ({model.name})",
                     ylabel="DPO loss" if cfg.job == "dpo" else "Bradley–Terry loss" if cfg.job == "reward"
                     else "cross-entropy on scored tokens (nats/token)")
     summary["wall_seconds"] = time.perf_counter() - wall0
+    summary["phase_seconds"] = phases        # train includes its compile and the final evaluation
     _write_json(os.path.join(cfg.workdir, "summary.json"), summary)
     return summary
 
