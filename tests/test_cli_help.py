@@ -13,7 +13,7 @@ CONFIG_JOBS = {"pretrain": "--config.train.steps=", "align": "--config.methods="
                "pistar": "--config.", "sft": "--config.data.train=", "dpo": "--config.dpo.variant=",
                "reward_model": "--config.data.train="}
 OTHER_JOBS = ["chat", "eval_ppl", "generate", "bench_generate", "bench_scaling"]
-QUICK = {"pretrain", "chat", "sft"}
+QUICK = {"pretrain", "chat"}
 
 
 @pytest.mark.parametrize("job", [pytest.param(j, marks=() if j in QUICK else pytest.mark.slow)

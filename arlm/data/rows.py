@@ -205,43 +205,6 @@ class TextSource(RowSource):
                            reason="not_utf8") from None
 
 
-class JsonArraySource(RowSource):
-    """A JSON file holding one array of objects (read whole: JSON arrays cannot be streamed)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = self.name = path
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except UnicodeDecodeError as err:
-            raise RowError(f"not valid UTF-8 at byte {err.start}", where=path, reason="not_utf8") from None
-        except json.JSONDecodeError as err:
-            raise RowError(f"not JSON ({err.msg} at line {err.lineno}, column {err.colno})", where=path,
-                           reason="not_json") from None
-        if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()) \
-                and len({len(v) for v in data.values()}) == 1:          # columns: {"text": [...], ...}
-            keys = list(data)
-            data = [dict(zip(keys, values)) for values in zip(*data.values())]
-        if not isinstance(data, list):
-            raise RowError("a .json file must hold an array of objects (or one object per line: JSONL)", where=path,
-                           reason="not_json")
-        self._rows = data
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def where(self, index: int) -> str:
-        return f"{self.path} item {index}"
-
-    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
-        index = self._check(index)
-        row = self._rows[index]
-        if not isinstance(row, dict):
-            raise RowError(f"a row must be a JSON object, got {type(row).__name__}", where=self.where(index),
-                           reason="not_object")
-        return row
-
-
 def _pyarrow():
     try:
         import pyarrow
@@ -335,6 +298,32 @@ class SequenceSource(RowSource):
             raise RowError(f"a row must be a dict, got {type(row).__name__}", where=self.where(index),
                            reason="not_object")
         return dict(row)
+
+
+class JsonArraySource(SequenceSource):
+    """A JSON file holding one array of objects (read whole: JSON arrays cannot be streamed)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except UnicodeDecodeError as err:
+            raise RowError(f"not valid UTF-8 at byte {err.start}", where=path, reason="not_utf8") from None
+        except json.JSONDecodeError as err:
+            raise RowError(f"not JSON ({err.msg} at line {err.lineno}, column {err.colno})", where=path,
+                           reason="not_json") from None
+        if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()) \
+                and len({len(v) for v in data.values()}) == 1:          # columns: {"text": [...], ...}
+            keys = list(data)
+            data = [dict(zip(keys, values)) for values in zip(*data.values())]
+        if not isinstance(data, list):
+            raise RowError("a .json file must hold an array of objects (or one object per line: JSONL)", where=path,
+                           reason="not_json")
+        super().__init__(data, name=path)
+
+    def where(self, index: int) -> str:
+        return f"{self.path} item {index}"
 
 
 class MixtureSource(RowSource):
