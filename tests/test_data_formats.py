@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import _hf_oracle  # noqa: F401  (first: offline mode before transformers is imported)
 
-import numpy as np
 import pytest
 
 import arlm

@@ -39,10 +39,9 @@ from arlm.alignment.tasks import ArithmeticTask, Problem
 from arlm.alignment.trainer import Trainer, exact_kl_to
 from arlm.config import ModelConfig
 from arlm.inference import Sampler
-from arlm.objectives.heads import init_reward_model, reward_model_scores
+from arlm.objectives.heads import init_reward_model, pair_scores, reward_model_loss
 from arlm.alignment import methods
-from arlm.objectives.kl_regularized import KLObjective, preference_rows
-from arlm.objectives.preference import bradley_terry_loss
+from arlm.objectives.kl_regularized import KLObjective
 from arlm.sharding import MeshConfig, batch_sharding, mesh_from_fields
 from arlm.model.lora import LoraConfig
 from arlm.train.metrics import MetricsWriter
@@ -167,11 +166,10 @@ def train_reward_model(model_cfg: ModelConfig, backbone: Any, pairs: dict[str, n
     train = {k: v[n_val:] for k, v in pairs.items()}
 
     def scores(rm, batch):
-        return reward_model_scores(model_cfg, rm, preference_rows(batch)).reshape(-1, 2)
+        return pair_scores(model_cfg, rm, batch)
 
     def loss_fn(rm, batch):
-        r = scores(rm, batch)
-        return jnp.mean(bradley_terry_loss(r[:, 0], r[:, 1])), {"accuracy": jnp.mean((r[:, 0] > r[:, 1]) * 1.0)}
+        return reward_model_loss(model_cfg, rm, batch)
 
     optimizer = optax.adam(cfg.reward_model.learning_rate)
     state, sharding = state_from_params(init_reward_model(backbone, model_cfg), optimizer, mesh, MeshConfig(), 0)

@@ -49,7 +49,7 @@ from arlm.data.rows import RowError, read_rows
 from arlm.data.store import TokenStore, build_store
 from arlm.data.tokenize import DataReport, TextCodec, TokenizeConfig, prompt_tokens
 from arlm.model.lora import LoraConfig
-from arlm.objectives.heads import init_reward_model, reward_model_scores
+from arlm.objectives.heads import init_reward_model, pair_scores, reward_model_loss
 from arlm.objectives.kl_regularized import preference_rows
 from arlm.objectives.lm import response_nll
 from arlm.objectives.preference import bradley_terry_loss, dpo_loss, dpo_margin
@@ -280,9 +280,7 @@ class _Trainable:
             params0 = init_reward_model(ref, model.config)
 
             def loss_fn(rm, batch):
-                r_Bx2 = reward_model_scores(model.config, rm, preference_rows(batch)).reshape(-1, 2)
-                return jnp.mean(bradley_terry_loss(r_Bx2[:, 0], r_Bx2[:, 1])), \
-                    {"accuracy": jnp.mean((r_Bx2[:, 0] > r_Bx2[:, 1]).astype(jnp.float32))}
+                return reward_model_loss(model.config, rm, batch)
             self.state, sharding = state_from_params(params0, optimizer, mesh, _mesh_cfg(cfg), cfg.seed)
             self._step = make_train_step(loss_fn, optimizer, sharding, self.batch_sharding,
                                          grad_accum=cfg.grad_accum, lr_schedule=learning_rate_schedule(optim))
@@ -322,7 +320,7 @@ class _Trainable:
     def _eval_batch(self, params: Any, frozen: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Per-batch evaluation sums; the frozen weights are an argument (never constants of the program)."""
         if self.objective is None:
-            return {"scores_Bx2": reward_model_scores(self.model.config, params, preference_rows(batch)).reshape(-1, 2)}
+            return {"scores_Bx2": pair_scores(self.model.config, params, batch)}
         if JOBS[self.cfg.job].task == "sequences":
             nll, m = response_nll(self.objective.policy.outputs(params, frozen, batch))
             return {"nll_sum": nll * m["tokens"], "tokens": m["tokens"]}

@@ -75,6 +75,12 @@ def sequence_batch(prompt_BxP: Array, start_B: Array, response_BxN: Array, lengt
     }
 
 
+def preference_rows(batch: Batch) -> Batch:
+    """A preference batch's [B, 2, T] pair arrays as a [2B, T] sequence batch (chosen, rejected,
+    chosen, …); other keys are dropped. `.reshape(-1, 2)` on a per-row result gives [B, 2] back."""
+    return {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items() if k in SEQUENCE_KEYS}
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicyOutputs:
     """On the T − 1 target positions: logp_BxT (0 off the mask), mask_BxT, and, if asked,

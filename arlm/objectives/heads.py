@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from arlm.config import ModelConfig
 from arlm.model import apply_model
-from arlm.model.log_probs import Batch
+from arlm.model.log_probs import Batch, preference_rows
 
 Array = jax.Array
 
@@ -49,3 +49,17 @@ def reward_model_scores(config: ModelConfig, rm_params: dict[str, Any], batch: B
                       attention_mask=batch["attention"], return_hidden=True)
     values_BxT = scalar_head(rm_params["head"], out.hidden_states[-1])
     return jnp.take_along_axis(values_BxT, last_token_index(batch["attention"])[:, None], axis=-1)[:, 0]
+
+
+def pair_scores(config: ModelConfig, rm_params: dict[str, Any], pairs: Batch) -> Array:
+    """r_φ(x, y_w) and r_φ(x, y_l) of a preference batch ([B, 2, T] arrays); [B, 2]."""
+    return reward_model_scores(config, rm_params, preference_rows(pairs)).reshape(-1, 2)
+
+
+def reward_model_loss(config: ModelConfig, rm_params: dict[str, Any], pairs: Batch) -> tuple[Array, dict[str, Array]]:
+    """Eq. 11 over a preference batch: mean −log σ(r_w − r_l), and the pair accuracy P[r_w > r_l]."""
+    from arlm.objectives.preference import bradley_terry_loss
+
+    r_Bx2 = pair_scores(config, rm_params, pairs)
+    return jnp.mean(bradley_terry_loss(r_Bx2[:, 0], r_Bx2[:, 1])), \
+        {"accuracy": jnp.mean((r_Bx2[:, 0] > r_Bx2[:, 1]).astype(jnp.float32))}

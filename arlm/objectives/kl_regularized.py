@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from arlm.config import ModelConfig
-from arlm.model.log_probs import SEQUENCE_KEYS, Batch, PolicyOutputs, policy_outputs
+from arlm.model.log_probs import Batch, PolicyOutputs, policy_outputs, preference_rows
 from arlm.model.lora import LoraConfig, init_lora, merge_lora
 from arlm.objectives import advantages as adv_lib
 from arlm.objectives import policy_gradient as pg
@@ -309,12 +309,6 @@ class RLOO:
         out = obj.policy.outputs(params, frozen, batch)
         loss = jnp.mean(pg.reinforce_loss(out.sequence_logp(), batch["advantages"]))
         return loss, _common_metrics(obj, out, batch)
-
-
-def preference_rows(batch: Batch) -> Batch:
-    """A preference batch's [B, 2, T] pair arrays as a [2B, T] sequence batch (chosen, rejected,
-    chosen, …); other keys are dropped. `.reshape(-1, 2)` on a per-row result gives [B, 2] back."""
-    return {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items() if k in SEQUENCE_KEYS}
 
 
 @dataclasses.dataclass(frozen=True)
