@@ -108,8 +108,9 @@ def default_config(job: str) -> ml_collections.ConfigDict:
     c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=""))   # rank 0: full fine-tuning
     c.dpo = ml_collections.ConfigDict(dict(variant="sigmoid", label_smoothing=0.0))
     c.data = ml_collections.ConfigDict(dict(
-        train=j.default_data, eval=j.default_eval,
-        eval_fraction=0.1,          # with eval="": every k-th training row (k = 1/fraction) is held out
+        train=j.default_data,
+        eval="",                    # "": the bundled test set with the bundled default, else held out of train
+        eval_fraction=0.1,          # held out: every k-th training row (k = 1/fraction)
         text_per="line" if job == "pretrain" else "file",   # text files: one document per line or per file
         max_length=0,               # longest example in tokens; 0: the model's context window
         seq_len=0,                  # row length; 0: the longest example rounded up to 64
@@ -187,6 +188,13 @@ def start_model(cfg: ml_collections.ConfigDict, train_rows: Any = None) -> Start
 
 # ----------------------------------------------------------------------------------------- data
 
+def eval_spec(cfg: ml_collections.ConfigDict) -> str:
+    """The eval data: `data.eval`, or with the bundled default training set its bundled test set ("" means
+    hold out part of the training rows)."""
+    job = JOBS[cfg.job]
+    return cfg.data.eval or (job.default_eval if cfg.data.train == job.default_data else "")
+
+
 def _columns(cfg: ml_collections.ConfigDict) -> ColumnMap:
     return ColumnMap.from_mapping({k: v for k, v in cfg.data.columns.to_dict().items() if v})
 
@@ -226,10 +234,10 @@ def prepare_data(cfg: ml_collections.ConfigDict, model: StartModel, train_rows: 
     data_dir = os.path.join(cfg.workdir, "data")
     train = build_store(train_rows, model.codec, job.task, tcfg, columns=columns, on_error=d.on_error,
                         directory=os.path.join(data_dir, "train"))
-    if d.eval:
-        evals = build_store(read_rows(d.eval, text_per=d.text_per), model.codec, job.task, tcfg, columns=columns,
+    eval_source = eval_spec(cfg)
+    if eval_source:
+        evals = build_store(read_rows(eval_source, text_per=d.text_per), model.codec, job.task, tcfg, columns=columns,
                             on_error=d.on_error, directory=os.path.join(data_dir, "eval"))
-        eval_source = d.eval
     else:
         train, evals = _held_out(train, d.eval_fraction)
         eval_source = f"every {max(2, int(round(1 / d.eval_fraction)))}th training row"
@@ -363,12 +371,14 @@ def _param_specs(tree: Any, mesh: Any, cfg: ml_collections.ConfigDict) -> Any:
 
 # ----------------------------------------------------------------------------------------- generation eval
 
-def _eval_prompts(cfg: ml_collections.ConfigDict, model: StartModel, eval_rows: Any, n: int) -> list[np.ndarray]:
-    """The prompts of the first `n` held-out rows, as the model reads them before it replies."""
+def _eval_prompts(cfg: ml_collections.ConfigDict, model: StartModel, eval_rows: Any, n: int,
+                  indices: Any = None) -> list[np.ndarray]:
+    """The prompts of the first `n` held-out rows (`indices` of `eval_rows`, default all), as the model reads
+    them before it replies."""
     columns = _columns(cfg)
     tcfg = TokenizeConfig(max_length=model.config.max_seq_len, truncation="error")
     prompts, fmt = [], None
-    for i in range(len(eval_rows)):
+    for i in (range(len(eval_rows)) if indices is None else indices):
         if len(prompts) == n:
             break
         try:
@@ -464,8 +474,12 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
     before = evaluate(trainable.state)
     phase("eval_before")
-    prompts = _eval_prompts(cfg, model, read_rows(cfg.data.eval, text_per=cfg.data.text_per) if cfg.data.eval
-                            else train_source, cfg.eval.generate) if cfg.eval.generate else []
+    if not cfg.eval.generate:
+        prompts = []
+    elif eval_spec(cfg):
+        prompts = _eval_prompts(cfg, model, read_rows(eval_spec(cfg), text_per=cfg.data.text_per), cfg.eval.generate)
+    else:                                    # the training rows held out for evaluation
+        prompts = _eval_prompts(cfg, model, train_source, cfg.eval.generate, np.unique(data["eval"].rows).tolist())
     gen_before = _generation_eval(cfg, model, trainable.model_params(trainable.state.params), prompts,
                                   os.path.join(cfg.workdir, "samples_before.jsonl")) if prompts and main else None
     phase("generate_before")
