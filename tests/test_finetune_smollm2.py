@@ -39,6 +39,7 @@ def _config(job, workdir, **fields):
     c = default_config(job)
     c.model, c.workdir, c.progress = NAME, str(workdir), False
     c.mesh.num_devices = 1
+    c.warmup_steps, c.lora.rank, c.eval.generate = 10, 0, 0       # what these tests measured; fields override
     for k, v in fields.items():
         section, _, name = k.rpartition(".")
         (c[section] if section else c)[name] = v
@@ -70,7 +71,7 @@ def test_sft_lora_teaches_the_format_and_transformers_with_peft_agrees(base_dir,
     torch, transformers = _hf_oracle.import_oracle()
     peft = pytest.importorskip("peft")
     s = run(_config("sft", tmp_path / "sft", steps=8, batch_size=4, learning_rate=2e-3, **{
-        "lora.rank": 8, "eval.generate": 24, "eval.max_new_tokens": 24, "eval.batch_size": 32}))
+        "lora.rank": 8, "eval.generate": 16, "eval.max_new_tokens": 24, "eval.batch_size": 16}))
     lo_after, _ = s["eval_match_ci95_after"]
     _, hi_before = s["eval_match_ci95_before"]
     print(json.dumps({k: s[k] for k in s if k.startswith("eval_")} | {"phases": s["phase_seconds"]}, indent=1))
@@ -96,10 +97,10 @@ def test_sft_lora_teaches_the_format_and_transformers_with_peft_agrees(base_dir,
 def test_dpo_lora_raises_held_out_preference_accuracy_and_margin(tmp_path):
     from arlm.data.bundled import bundled_path
 
-    held_out = tmp_path / "pairs_test.jsonl"             # 24 of the 48 held-out pairs: each eval runs π_θ and π_ref
-    held_out.write_text("".join(open(bundled_path("preferences_test"), encoding="utf-8").readlines()[:24]))
+    held_out = tmp_path / "pairs_test.jsonl"             # 16 of the 48 held-out pairs: each eval runs π_θ and π_ref
+    held_out.write_text("".join(open(bundled_path("preferences_test"), encoding="utf-8").readlines()[:16]))
     s = run(_config("dpo", tmp_path / "dpo", steps=5, batch_size=4, learning_rate=2e-3, beta=0.1,
-                    **{"lora.rank": 8, "eval.batch_size": 24, "data.eval": str(held_out)}))
+                    **{"lora.rank": 8, "eval.batch_size": 16, "data.eval": str(held_out)}))
     assert s["eval_accuracy_before"] == 0.0 and s["eval_margin_before"] == 0.0      # π_θ = π_ref at the start
     assert s["eval_accuracy_after"] > 0.9 and s["eval_margin_after"] > 1.0
     assert s["eval_loss_after"] < s["eval_loss_before"]

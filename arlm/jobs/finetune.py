@@ -95,17 +95,20 @@ def default_config(job: str) -> ml_collections.ConfigDict:
     c.model = "" if job == "pretrain" else "smollm2-135m-instruct"   # anything arlm.load takes; "" = from scratch
     c.workdir = f"runs/{job}"
     c.seed = 0
-    c.steps = 100
-    c.batch_size = 8
-    c.learning_rate = 3e-3 if job == "pretrain" else 1e-4
-    c.warmup_steps = 10
+    # sized for 2 CPU cores; on an accelerator raise steps and batch_size
+    c.steps = {"pretrain": 200, "sft": 20, "dpo": 10, "reward": 20}[job]
+    c.batch_size = 4
+    # 0: 3e-3 from scratch, 1e-4 continuing a model (pretrain); LoRA adapters take larger steps than full weights
+    c.learning_rate = {"pretrain": 0.0, "sft": 2e-3, "dpo": 2e-3, "reward": 1e-4}[job]
+    c.warmup_steps = 2 if job in ("sft", "dpo") else 10
     c.min_lr_ratio = 0.1
     c.weight_decay = 0.0
     c.clip_norm = 1.0
     c.grad_accum = 1
     c.beta = 0.1                                   # DPO's β (eq. 13)
     c.dtype = ""                                   # "" keeps the model's; "bfloat16" for the matmuls
-    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=""))   # rank 0: full fine-tuning
+    # LoRA (eq. 24) on every projection by default for sft and dpo; rank 0: full fine-tuning
+    c.lora = ml_collections.ConfigDict(dict(rank=8 if job in ("sft", "dpo") else 0, alpha=16.0, targets=""))
     c.dpo = ml_collections.ConfigDict(dict(variant="sigmoid", label_smoothing=0.0))
     c.data = ml_collections.ConfigDict(dict(
         train=j.default_data,
@@ -120,7 +123,7 @@ def default_config(job: str) -> ml_collections.ConfigDict:
     c.data.columns = ml_collections.ConfigDict({k: "" for k in CANONICAL})   # your column for each field
     c.eval = ml_collections.ConfigDict(dict(
         every=0,                    # also evaluate every N steps (0: before and after only)
-        batch_size=8, generate=0,   # greedy replies to the first N held-out prompts, before and after
+        batch_size=16, generate=24 if job in ("sft", "dpo") else 0,   # greedy replies to N held-out prompts
         max_new_tokens=48, match=FORMAT_REGEX if job in ("sft", "dpo") else ""))  # regex a reply must fullmatch
     if job == "pretrain":           # from scratch (model ""): the architecture and the tokenizer
         c.arch = ml_collections.ConfigDict(dict(
@@ -274,7 +277,8 @@ class _Trainable:
     def __init__(self, cfg: ml_collections.ConfigDict, model: StartModel, mesh: Any) -> None:
         job = JOBS[cfg.job]
         self.cfg, self.model, self.mesh = cfg, model, mesh
-        optim = OptimConfig(learning_rate=cfg.learning_rate, warmup_steps=min(cfg.warmup_steps, cfg.steps),
+        lr = cfg.learning_rate or (1e-4 if cfg.model else 3e-3)
+        optim = OptimConfig(learning_rate=lr, warmup_steps=min(cfg.warmup_steps, cfg.steps),
                             total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay,
                             clip_norm=cfg.clip_norm, grad_accum=cfg.grad_accum)
         optimizer = make_optimizer(optim)
