@@ -98,7 +98,7 @@ def default_config(job: str) -> ml_collections.ConfigDict:
     # sized for 2 CPU cores; on an accelerator raise steps and batch_size
     c.steps = {"pretrain": 200, "sft": 20, "dpo": 10, "reward": 20}[job]
     c.batch_size = 4
-    # 0: 3e-3 from scratch, 1e-4 continuing a model (pretrain); LoRA adapters take larger steps than full weights
+    # 0: chosen by run_learning_rate (pretrain: from scratch or continuing); LoRA adapters take larger steps
     c.learning_rate = {"pretrain": 0.0, "sft": 2e-3, "dpo": 2e-3, "reward": 1e-4}[job]
     c.warmup_steps = 2 if job in ("sft", "dpo") else 10
     c.min_lr_ratio = 0.1
@@ -271,14 +271,22 @@ def _lora(cfg: ml_collections.ConfigDict) -> LoraConfig | None:
     return LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=targets)
 
 
+SCRATCH_LEARNING_RATE, CONTINUING_LEARNING_RATE = 3e-3, 1e-4
+
+
+def run_learning_rate(cfg: ml_collections.ConfigDict) -> float:
+    """The peak learning rate a run uses: cfg.learning_rate, or for 0 one chosen by whether the run starts from
+    scratch (cfg.model "") or continues a model, known only once the command line has set cfg.model."""
+    return cfg.learning_rate or (CONTINUING_LEARNING_RATE if cfg.model else SCRATCH_LEARNING_RATE)
+
+
 class _Trainable:
     """The job's trainable params, frozen weights, compiled train step and evaluation, on one mesh."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, model: StartModel, mesh: Any) -> None:
         job = JOBS[cfg.job]
         self.cfg, self.model, self.mesh = cfg, model, mesh
-        lr = cfg.learning_rate or (1e-4 if cfg.model else 3e-3)
-        optim = OptimConfig(learning_rate=lr, warmup_steps=min(cfg.warmup_steps, cfg.steps),
+        optim = OptimConfig(learning_rate=run_learning_rate(cfg), warmup_steps=min(cfg.warmup_steps, cfg.steps),
                             total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay,
                             clip_norm=cfg.clip_norm, grad_accum=cfg.grad_accum)
         optimizer = make_optimizer(optim)
